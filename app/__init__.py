@@ -1,0 +1,107 @@
+"""The web tier: ``create_app()`` is the only place Flask is configured.
+
+It validates, authenticates, does at most a cheap write, and hands anything heavier to
+Celery by task name. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_sock import Sock
+
+import config
+from app import api, dashboard, errors, models_api, openapi
+from app.hub import Hub
+from app.ws import Connection
+from store.bus import LocalBus, RedisBus, set_bus
+from store.db import Database, set_db
+
+access_log = logging.getLogger("aifarm.access")
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app. ``test_config`` overrides settings by name (tests use it)."""
+    settings = config.load(**(test_config or {}))
+    config.setup_logging(settings)
+
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_SIZE
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "max_message_size": settings.WS_MAX_MESSAGE_SIZE,
+        "ping_interval": settings.WS_PING_INTERVAL,
+    }
+
+    db = Database(settings.database_url)
+    if db.is_sqlite:
+        db.create_all()
+    set_db(db)  # workers in this process (embedded mode) use the same engine
+    bus = RedisBus(settings.REDIS_URL) if settings.REDIS_URL else LocalBus()
+    set_bus(bus)
+    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL)
+    app.extensions["aifarm.db"] = db
+    app.extensions["aifarm.hub"] = hub
+
+    limiter = Limiter(
+        get_remote_address,
+        app=app,
+        storage_uri=settings.REDIS_URL or "memory://",
+        strategy="moving-window",
+        swallow_errors=True,  # a Redis hiccup must not turn every request into a 500
+    )
+    limiter.limit(settings.RATE_LIMIT)(api.bp)
+    limiter.limit(
+        settings.CLIENT_RATE_LIMIT,
+        key_func=lambda: request.headers.get("X-Client-Id") or get_remote_address(),
+    )(models_api.bp)
+
+    errors.register(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(models_api.bp)
+    app.register_blueprint(dashboard.bp)
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        db_ok = db.ping()
+        broker_ok = bus.ping()
+        body = {
+            "status": "ok" if db_ok and broker_ok else "degraded",
+            "database": db_ok,
+            "broker": broker_ok,
+            "mode": "embedded" if settings.embedded else "production",
+            "connected_clients": hub.count(),
+        }
+        return jsonify(body), 200 if db_ok and broker_ok else 503
+
+    @app.get("/api/openapi.json")
+    def openapi_json() -> Response:
+        return jsonify(openapi.document())
+
+    sock = Sock(app)
+
+    @sock.route("/ws")
+    def ws(socket: Any) -> None:
+        hub.start()
+        Connection(socket, hub, db, settings, request.remote_addr or "?").serve()
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _access(response: Response) -> Response:
+        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        access_log.info(
+            'remote=%s method=%s path="%s" status=%d bytes=%s ms=%.1f',
+            request.remote_addr, request.method, request.path, response.status_code,
+            response.content_length if response.content_length is not None else "-", elapsed,
+        )  # fmt: skip
+        return response
+
+    return app

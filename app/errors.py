@@ -1,0 +1,73 @@
+"""One JSON error shape for every HTTP failure: ``{"error": code, "message": text}``."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from flask_limiter.errors import RateLimitExceeded
+from werkzeug.exceptions import HTTPException
+
+from store.db import Unavailable, is_outage
+
+log = logging.getLogger(__name__)
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or CODES.get(status, "error")
+        self.message = message
+
+
+def error_response(status: int, message: str, code: str | None = None) -> tuple[Response, int]:
+    response = jsonify({"error": code or CODES.get(status, "error"), "message": message})
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="aifarm"'
+    if status == 503:
+        response.headers["Retry-After"] = "5"
+    return response, status
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> tuple[Response, int]:
+        return error_response(error.status, error.message, error.code)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(error: RateLimitExceeded) -> tuple[Response, int]:
+        return error_response(429, f"rate limit exceeded: {error.description}")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> tuple[Response, int]:
+        status = error.code or 500
+        message = error.description or error.name
+        if status == 413:
+            message = "request body too large"
+        return error_response(status, message)
+
+    @app.errorhandler(Unavailable)
+    def _unavailable(error: Unavailable) -> tuple[Response, int]:
+        return error_response(503, str(error) or "service unavailable; nothing was changed")
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> tuple[Response, int]:
+        if is_outage(error):
+            return error_response(503, "database unavailable; nothing was changed")
+        log.exception("event=http_error")
+        return error_response(500, "internal error")

@@ -1,0 +1,51 @@
+"""Enqueue Celery jobs by name, after the transaction that made them necessary has committed.
+
+A job is a doorbell: the rows it acts on are already committed, so a publish that fails
+(broker down) loses nothing; beat's sweep and scheduling pass find the work again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import config
+
+log = logging.getLogger(__name__)
+
+_health: dict[str, Any] = {"checked": 0.0, "ok": True, "client": None}
+
+
+def enqueue(name: str, *args: Any) -> bool:
+    from workers import celery
+
+    try:
+        celery.send_task(name, args=list(args))
+        return True
+    except Exception as error:  # recovered by beat's safety net once the broker is back
+        log.warning("event=enqueue task=%s state=failed error=%s", name, type(error).__name__)
+        _health.update(checked=time.monotonic(), ok=False)
+        return False
+
+
+def broker_ok(max_age: float = 1.0) -> bool:
+    """Whether the broker answers (cached for ``max_age`` seconds). Always true when embedded."""
+    settings = config.load()
+    if settings.embedded:
+        return True
+    now = time.monotonic()
+    if now - _health["checked"] < max_age:
+        return bool(_health["ok"])
+    if _health["client"] is None:
+        import redis
+
+        _health["client"] = redis.Redis.from_url(
+            settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=2
+        )
+    try:
+        ok = bool(_health["client"].ping())
+    except Exception:
+        ok = False
+    _health.update(checked=now, ok=ok)
+    return ok

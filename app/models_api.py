@@ -1,0 +1,207 @@
+"""Model exchange over HTTP: the global model of a round (download) and a client's update (upload).
+
+Bytes never travel inside WebSocket JSON or through the broker. Uploads are safetensors only
+(the server never unpickles client bytes), streamed to a temporary file under CHECKPOINT_DIR,
+checked against the round's global model (names, shapes, dtypes, finite values), renamed into
+place, and only then recorded, with a compare-and-set, on the client's open assignment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.auth import client_identity, db, is_admin
+from app.errors import ApiError
+from store import blobs
+from store.blobs import BlobStore, Header, InvalidModel, TooLarge
+from store.db import affected
+from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound
+
+bp = Blueprint("models", __name__, url_prefix="/api")
+
+CHUNK = 1 << 20
+
+
+def store() -> BlobStore:
+    return BlobStore(current_app.config["SETTINGS"].CHECKPOINT_DIR)
+
+
+@lru_cache(maxsize=64)
+def reference_header(path: str, mtime_ns: int) -> Header:
+    return blobs.header_of(Path(path))
+
+
+def _model_response(rel: str, sha256: str, name: str) -> Response:
+    path = store().path(rel)
+    if not path.exists():
+        raise ApiError(404, "the model file is missing on the server")
+    response = send_file(path, mimetype="application/octet-stream", as_attachment=True, download_name=name)
+    response.headers["X-Checksum-Sha256"] = sha256
+    return response
+
+
+@bp.get("/tasks/<int:task_id>/rounds/<int:round_no>/model")
+def round_model(task_id: int, round_no: int) -> Response:
+    """The global model round ``round_no`` trains from. Admins, or a client assigned to that round."""
+    client_id = client_identity()
+    admin = client_id is None and is_admin()
+    if client_id is None and not admin:
+        raise ApiError(401, "send X-Client-Id and 'Authorization: Bearer <client token>' (or an admin token)")
+
+    def find(s: Session) -> TaskRound | None:
+        if not admin:
+            held = s.execute(
+                select(TaskAssignment.id).where(
+                    TaskAssignment.client_id == client_id,
+                    TaskAssignment.task_id == task_id,
+                    TaskAssignment.round == round_no,
+                )
+            ).first()
+            if held is None:
+                raise ApiError(409, f"you hold no shard of task {task_id} round {round_no}", "not_assigned")
+        return s.execute(
+            select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
+        ).scalar_one_or_none()
+
+    found = db().run(find)
+    if found is None:
+        raise ApiError(404, f"no round {round_no} of task {task_id}", "unknown_task")
+    return _model_response(found.model_path, found.model_sha256, f"task{task_id}-round{round_no}.safetensors")
+
+
+@bp.get("/tasks/<int:task_id>/model")
+def final_model(task_id: int) -> Response:
+    """The task's latest checkpoint (the final model once completed). Admin token."""
+    if not is_admin():
+        raise ApiError(401, "missing or invalid admin token")
+
+    def find(s: Session) -> tuple[str | None, str | None] | None:
+        task = s.get(Task, task_id)
+        if task is None:
+            return None
+        sha = (task.result or {}).get("model_sha256") if task.status == "completed" else None
+        return task.checkpoint_path, sha
+
+    found = db().run(find)
+    if found is None:
+        raise ApiError(404, f"no task {task_id}", "unknown_task")
+    rel, sha = found
+    if rel is None:
+        raise ApiError(404, f"task {task_id} has no checkpoint yet", "no_model")
+    return _model_response(rel, sha or blobs.sha256_file(store().path(rel)), f"task{task_id}.safetensors")
+
+
+def _drain() -> None:
+    stream = request.stream
+    while stream.read(CHUNK):
+        pass
+
+
+@bp.put("/tasks/<int:task_id>/rounds/<int:round_no>/updates/<int:rank>")
+def upload_update(task_id: int, round_no: int, rank: int) -> tuple[Response, int]:
+    settings = current_app.config["SETTINGS"]
+    request.max_content_length = settings.MAX_UPLOAD_SIZE
+    client_id = client_identity()
+    if client_id is None:
+        raise ApiError(401, "send X-Client-Id and 'Authorization: Bearer <client token>'")
+    raw_examples = request.headers.get("X-Num-Examples", "")
+    if not raw_examples.isdigit() or not 1 <= int(raw_examples) <= 1_000_000_000:
+        raise ApiError(400, "X-Num-Examples must be an integer in 1..1000000000", "invalid_update")
+    num_examples = int(raw_examples)
+    if (request.content_length or 0) > settings.MAX_UPLOAD_SIZE:
+        raise ApiError(413, f"an update may be at most {settings.MAX_UPLOAD_SIZE} bytes", "too_large")
+
+    def check(s: Session) -> tuple[int, str | None, str]:
+        task = s.get(Task, task_id)
+        if task is None:
+            raise ApiError(404, f"no task {task_id}", "unknown_task")
+        rnd = s.execute(
+            select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
+        ).scalar_one_or_none()
+        if rnd is None:
+            raise ApiError(404, f"no round {round_no} of task {task_id}", "unknown_task")
+        if round_no != task.current_round or rnd.status != "training":
+            raise ApiError(
+                409, f"round {round_no} is over; the task is at round {task.current_round}", "stale_round"
+            )
+        held = s.execute(
+            select(TaskAssignment).where(
+                TaskAssignment.client_id == client_id,
+                TaskAssignment.task_id == task_id,
+                TaskAssignment.round == round_no,
+                TaskAssignment.rank == rank,
+                TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+            )
+        ).scalar_one_or_none()
+        if held is None:
+            raise ApiError(
+                409, f"you do not hold rank {rank} of task {task_id} round {round_no}", "not_assigned"
+            )
+        return held.id, held.update_sha256, rnd.model_path
+
+    aid, existing, model_rel = db().run(check)
+    if existing is not None:
+        _drain()
+        return jsonify({"status": "duplicate", "sha256": existing}), 200
+
+    blob_store = store()
+    try:
+        tmp, size, sha = blob_store.receive(
+            iter(lambda: request.stream.read(CHUNK), b""), settings.MAX_UPLOAD_SIZE
+        )
+    except TooLarge:
+        raise ApiError(
+            413, f"an update may be at most {settings.MAX_UPLOAD_SIZE} bytes", "too_large"
+        ) from None
+    try:
+        model_path = blob_store.path(model_rel)
+        reference = reference_header(str(model_path), model_path.stat().st_mtime_ns)
+        blobs.validate_model_file(tmp, reference)
+    except InvalidModel as error:
+        tmp.unlink(missing_ok=True)
+        current_app.logger.info("event=upload state=refused task=%d round=%d rank=%d reason=%s",
+                                task_id, round_no, rank, error)  # fmt: skip
+        raise ApiError(400, str(error), "invalid_update") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    rel = blobs.update_rel(task_id, round_no, rank, aid).replace(".safetensors", f"-{sha[:12]}.safetensors")
+    blob_store.adopt(tmp, rel)
+
+    def record(s: Session) -> tuple[bool, Any]:
+        won = affected(
+            s.execute(
+                update(TaskAssignment)
+                .where(
+                    TaskAssignment.id == aid,
+                    TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+                    TaskAssignment.checkpoint_path.is_(None),
+                )
+                .values(checkpoint_path=rel, update_sha256=sha, num_examples=num_examples)
+            )
+        )
+        current = s.execute(
+            select(TaskAssignment.update_sha256, TaskAssignment.status).where(TaskAssignment.id == aid)
+        ).first()
+        return won == 1, current
+
+    try:
+        won, current = db().run(record)
+    except BaseException:
+        blob_store.remove(rel)
+        raise
+    if won:
+        current_app.logger.info("event=upload state=accepted task=%d round=%d rank=%d bytes=%d sha256=%s",
+                                task_id, round_no, rank, size, sha)  # fmt: skip
+        return jsonify({"status": "accepted", "sha256": sha}), 201
+    if current is not None and current[0] != sha:
+        blob_store.remove(rel)
+    if current is not None and current[0] is not None:
+        return jsonify({"status": "duplicate", "sha256": current[0]}), 200
+    raise ApiError(409, f"you no longer hold rank {rank} of task {task_id} round {round_no}", "not_assigned")

@@ -1,0 +1,365 @@
+"""The OpenAPI document of the REST API, built from the same tables the validators use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import validation
+from store.models import ASSIGNMENT_STATUSES, CLIENT_STATUSES, TASK_STATUSES
+from training import spec
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _page_of(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["items", "total", "page", "per_page"],
+        "properties": {
+            "items": {"type": "array", "items": _ref(item)},
+            "total": {"type": "integer"},
+            "page": {"type": "integer"},
+            "per_page": {"type": "integer"},
+        },
+    }
+
+
+PAGE_PARAMS = [
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+    {
+        "name": "per_page",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": validation.PER_PAGE_MAX, "default": 20},
+    },
+]
+TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string"}}
+ROUND = {"name": "round", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+RANK = {"name": "rank", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+AUTH_ERRORS = {"401": _error("missing or invalid token"), "429": _error("rate limited")}
+
+
+def document() -> dict[str, Any]:
+    requirement_props = {
+        name: {"type": kind, "minimum": lo, "maximum": hi}
+        for name, (kind, lo, hi) in validation.REQUIREMENT_FIELDS.items()
+    }
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "Requirements": {"type": "object", "additionalProperties": False, "properties": requirement_props},
+        "NewTask": {
+            "type": "object",
+            "required": ["type"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string", "pattern": validation.TASK_TYPE_RE.pattern},
+                "requirements": _ref("Requirements"),
+                "priority": {
+                    "type": "integer",
+                    "minimum": validation.PRIORITY_RANGE[0],
+                    "maximum": validation.PRIORITY_RANGE[1],
+                    "default": 0,
+                    "description": "higher runs first; ties run oldest first",
+                },
+                "config": {
+                    "type": "object",
+                    "description": (
+                        "free-form for most types; num_shards (1.."
+                        f"{validation.MAX_SHARDS}, at most MAX_CLIENTS) splits the task into ranks. "
+                        f"For type '{spec.TASK_TYPE}' see FederatedConfig."
+                    ),
+                    "properties": {
+                        "num_shards": {"type": "integer", "minimum": 1, "maximum": validation.MAX_SHARDS}
+                    },
+                },
+            },
+        },
+        "FederatedConfig": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "model": {"enum": list(spec.MODELS)},
+                "dataset": {"enum": list(spec.DATASETS)},
+                "partition": {"enum": list(spec.PARTITIONS)},
+                "rounds": {"type": "integer", "minimum": 1, "maximum": spec.MAX_ROUNDS},
+                "num_shards": {"type": "integer", "minimum": 1, "maximum": spec.MAX_SHARDS},
+                "local_epochs": {"type": "integer", "minimum": 1, "maximum": spec.MAX_LOCAL_EPOCHS},
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": spec.MAX_BATCH_SIZE},
+                "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+                "momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
+                "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+                "seed": {"type": "integer", "minimum": 0},
+                "strategy": {"type": "string"},
+                "strategy_params": {"type": "object"},
+            },
+        },
+        "Task": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "type": {"type": "string"},
+                "status": {"enum": list(TASK_STATUSES)},
+                "status_reason": {"type": ["string", "null"]},
+                "priority": {"type": "integer"},
+                "requirements": _ref("Requirements"),
+                "config": {"type": "object"},
+                "num_shards": {"type": "integer"},
+                "current_round": {"type": "integer"},
+                "client_id": {"type": ["string", "null"]},
+                "result": {"type": ["object", "null"]},
+                "error_log": {"type": ["string", "null"]},
+                "checkpoint_path": {"type": ["string", "null"]},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "Assignment": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "client_id": {"type": "string"},
+                "round": {"type": "integer"},
+                "rank": {"type": "integer"},
+                "status": {"enum": list(ASSIGNMENT_STATUSES)},
+                "progress": {"type": ["number", "null"]},
+                "metrics": {"type": ["object", "null"]},
+            },
+        },
+        "Client": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "status": {"enum": list(CLIENT_STATUSES)},
+                "disabled": {"type": "boolean"},
+                "connected": {"type": "boolean"},
+                "cpu_info": {"type": "object"},
+                "ram_info": {"type": "object"},
+                "gpu_info": {"type": ["array", "null"]},
+                "last_seen": {"type": "string", "format": "date-time"},
+            },
+        },
+    }
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    paths: dict[str, Any] = {
+        "/healthz": {
+            "get": {
+                "summary": "Whether the database and the broker answer (no auth)",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "both reachable"),
+                    "503": _json({"type": "object"}, "one of them is down"),
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        "/api/tasks": {
+            "get": {
+                "summary": "List tasks, newest first",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"enum": list(TASK_STATUSES)}},
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    *PAGE_PARAMS,
+                ],
+                "responses": {"200": _json(_page_of("Task")), "400": _error("bad filter"), **AUTH_ERRORS},
+            },
+            "post": {
+                "summary": "Submit a task",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewTask")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Task"), "created"),
+                    "400": _error("invalid task"),
+                    "413": _error("body too large"),
+                    "503": _error("database or broker unavailable; nothing was written"),
+                    **AUTH_ERRORS,
+                },
+            },
+        },
+        "/api/tasks/{task_id}": {
+            "get": {
+                "summary": "A task with its shards, recent assignments and rounds",
+                "parameters": [TASK_ID],
+                "responses": {"200": _json(_ref("Task")), "404": _error("no such task"), **AUTH_ERRORS},
+            },
+            "delete": {
+                "summary": "Stop the task (its clients are told), then delete it and its files",
+                "parameters": [TASK_ID],
+                "responses": {"200": _json({"type": "object"}), "404": _error("no such task"), **AUTH_ERRORS},
+            },
+        },
+        "/api/tasks/{task_id}/status": {
+            "put": {
+                "summary": "Pause, resume (running) or stop a task",
+                "parameters": [TASK_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {"status": {"enum": list(validation.TASK_STATUS_TARGETS)}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("Task")),
+                    "400": _error("unknown status"),
+                    "404": _error("no such task"),
+                    "409": _error("the task's current status does not allow it"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/tasks/{task_id}/model": {
+            "get": {
+                "summary": "The task's latest checkpoint (final model once completed), safetensors",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": {"description": "model bytes", "content": BINARY},
+                    "404": _error("no such task or no checkpoint yet"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/tasks/{task_id}/rounds/{round}/model": {
+            "get": {
+                "summary": "The global model a round trains from, safetensors (its clients, or admin)",
+                "security": [*CLIENT_AUTH, {"adminToken": []}],
+                "parameters": [TASK_ID, ROUND],
+                "responses": {
+                    "200": {"description": "model bytes; header X-Checksum-Sha256", "content": BINARY},
+                    "404": _error("no such task or round"),
+                    "409": _error("the client holds no shard of that round"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/tasks/{task_id}/rounds/{round}/updates/{rank}": {
+            "put": {
+                "summary": "Upload a client's trained model for its shard, safetensors",
+                "security": CLIENT_AUTH,
+                "parameters": [
+                    TASK_ID,
+                    ROUND,
+                    RANK,
+                    {
+                        "name": "X-Num-Examples",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
+                ],
+                "requestBody": {"required": True, "content": BINARY},
+                "responses": {
+                    "201": _json({"type": "object"}, "accepted"),
+                    "200": _json({"type": "object"}, "already accepted (counted once)"),
+                    "400": _error("not safetensors, wrong tensors, NaN/Inf, bad X-Num-Examples"),
+                    "404": _error("no such task or round"),
+                    "409": _error("not your shard, or the round is over"),
+                    "413": _error("over MAX_UPLOAD_SIZE"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/clients": {
+            "get": {
+                "summary": "List clients",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"enum": list(validation.CLIENT_FILTERS)}},
+                    *PAGE_PARAMS,
+                ],
+                "responses": {"200": _json(_page_of("Client")), "400": _error("bad filter"), **AUTH_ERRORS},
+            }
+        },
+        "/api/clients/{client_id}": {
+            "get": {
+                "summary": "A client with its open assignments",
+                "parameters": [CLIENT_ID],
+                "responses": {"200": _json(_ref("Client")), "404": _error("no such client"), **AUTH_ERRORS},
+            }
+        },
+        "/api/clients/{client_id}/status": {
+            "put": {
+                "summary": "Disable a client (no work; its assignments are released) or enable it",
+                "parameters": [CLIENT_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {"status": {"enum": list(validation.CLIENT_STATUS_TARGETS)}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("Client")),
+                    "400": _error("unknown status"),
+                    "404": _error("no such client"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/metrics": {
+            "get": {
+                "summary": "Server CPU/RAM use, active tasks, connected clients",
+                "responses": {"200": _json({"type": "object"}), **AUTH_ERRORS},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "AI Farm server",
+            "version": "1.0",
+            "description": "Admin REST API and client model exchange. The client WebSocket at /ws "
+            "is described in docs/protocol.md.",
+        },
+        "security": admin,
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "ADMIN_TOKEN or a stored token",
+                },
+                "clientToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the token from 'registered'",
+                },
+                "clientId": {"type": "apiKey", "in": "header", "name": "X-Client-Id"},
+            },
+        },
+    }

@@ -1,0 +1,297 @@
+"""``/ws``: one :class:`Connection` per socket. Validate, authenticate, a cheap write, enqueue.
+
+The handler loops on ``ws.receive()``; pushes (``task``, ``pause``, ``resume``, ``stop``) are
+sent by the hub's reconcile loop through :meth:`Connection.apply`. A per-connection lock
+keeps the two from interleaving frames or racing on what the client was told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from simple_websocket import ConnectionClosed
+
+import config
+from app import jobs, protocol
+from app.hub import Hub
+from app.protocol import ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
+from store import assignments, clients
+from store.assignments import NotAssigned, UnknownTask, UploadRequired
+from store.db import Database, Unavailable
+from store.models import FEDERATED, utcnow
+
+log = logging.getLogger("aifarm.ws")
+
+CLOSE_TRY_AGAIN = 1013
+CLOSE_POLICY = 1008
+
+
+class Connection:
+    def __init__(self, ws: Any, hub: Hub, db: Database, settings: config.Settings, remote: str) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.db = db
+        self.settings = settings
+        self.remote = remote
+        self.conn_id = uuid.uuid4().hex
+        self.client_id: str | None = None
+        self._lock = threading.RLock()
+        self._held: dict[int, assignments.Open] = {}  # assignment id -> what the client was sent
+        self._finished: set[int] = set()  # assignments the client reported; never resent
+        self._paused: set[int] = set()  # task ids the client was told to pause
+        self._progress: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._tokens = float(settings.WS_MESSAGES_PER_MINUTE)
+        self._refilled = time.monotonic()
+
+    # --- sending ---
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._lock, contextlib.suppress(ConnectionClosed):
+            self.ws.send(json.dumps(message))
+
+    def error(self, code: str, message: str) -> None:
+        self.send({"type": "error", "code": code, "message": message})
+
+    def close_superseded(self) -> None:
+        """Another connection of this client took over (or the sweep timed us out)."""
+        self.error("superseded", "this client connected again elsewhere, or timed out; reconnect to continue")
+        with contextlib.suppress(Exception):  # it may be closed already
+            self.ws.close(reason=CLOSE_POLICY, message="superseded")
+
+    def apply(self, open_rows: list[assignments.Open]) -> None:
+        """Bring the client in line with its open assignments in the database."""
+        with self._lock:
+            desired = {row.assignment_id: row for row in open_rows}
+            for aid, row in desired.items():
+                if aid in self._finished:
+                    continue
+                if aid not in self._held:
+                    self._held[aid] = row
+                    self.send(task_message(row))
+                    log.info(
+                        "event=dispatch task=%d round=%d rank=%d client=%s assignment=%d",
+                        row.task_id, row.round, row.rank, row.client_id, aid,
+                    )  # fmt: skip
+                if row.task_status == "paused" and row.task_id not in self._paused:
+                    self._paused.add(row.task_id)
+                    self.send({"type": "pause", "task_id": row.task_id})
+                elif row.task_status != "paused" and row.task_id in self._paused:
+                    self._paused.discard(row.task_id)
+                    self.send({"type": "resume", "task_id": row.task_id})
+            for aid in [a for a in self._held if a not in desired]:
+                row = self._held.pop(aid)
+                self._progress.pop(aid, None)
+                self._paused.discard(row.task_id)
+                if aid not in self._finished:
+                    self.send({"type": "stop", "task_id": row.task_id})
+                    log.info("event=stop task=%d client=%s assignment=%d", row.task_id, row.client_id, aid)
+
+    def take_progress(self) -> list[tuple[int, float, dict[str, Any]]]:
+        with self._lock:
+            items = [(aid, p, m) for aid, (p, m) in self._progress.items()]
+            self._progress.clear()
+        return items
+
+    # --- receiving ---
+
+    def serve(self) -> None:
+        try:
+            while True:
+                frame = self.ws.receive()
+                if frame is None:
+                    continue
+                if not self._allow():
+                    self.error(
+                        "rate_limited", f"more than {self.settings.WS_MESSAGES_PER_MINUTE} messages a minute"
+                    )
+                    continue
+                self._handle(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closed()
+
+    def _allow(self) -> bool:
+        rate = self.settings.WS_MESSAGES_PER_MINUTE / 60.0
+        now = time.monotonic()
+        self._tokens = min(
+            float(self.settings.WS_MESSAGES_PER_MINUTE), self._tokens + (now - self._refilled) * rate
+        )
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _handle(self, frame: str | bytes) -> None:
+        try:
+            message = protocol.parse(frame)
+            if isinstance(message, Register):
+                self._register(message)
+            elif self.client_id is None:
+                raise ProtocolError("not_registered", "send 'register' first")
+            elif isinstance(message, TaskRequest):
+                self._task_request(message)
+            elif isinstance(message, TaskProgress):
+                self._task_progress(message)
+            elif isinstance(message, TaskResult):
+                self._task_result(message)
+        except ProtocolError as problem:
+            self.error(problem.code, problem.message)
+        except Unavailable:
+            self.error("unavailable", "the database is unavailable; nothing was changed, try again shortly")
+        except Exception:
+            log.exception("event=ws_error client=%s", self.client_id)
+            self.error("internal", "internal error; nothing was changed")
+
+    def _register(self, msg: Register) -> None:
+        if self.client_id is not None:
+            raise ProtocolError(
+                "already_registered", f"this connection is already registered as {self.client_id}"
+            )
+        try:
+            client_id, token, disabled = self.db.run(
+                lambda s: clients.connect(
+                    s,
+                    msg.hardware,
+                    msg.client_id,
+                    msg.token,
+                    self.conn_id,
+                    utcnow(),
+                    max_clients=self.settings.MAX_CLIENTS,
+                    remote=self.remote,
+                )
+            )
+        except clients.AuthFailed:
+            log.info("event=register state=auth_failed client=%s remote=%s", msg.client_id, self.remote)
+            raise ProtocolError("auth_failed", "unknown client_id or wrong token") from None
+        except clients.ServerFull:
+            self.error("server_full", f"{self.settings.MAX_CLIENTS} clients are connected; try again later")
+            self.ws.close(reason=CLOSE_TRY_AGAIN, message="server full")
+            return
+        self.client_id = client_id
+        reply: dict[str, Any] = {"type": "registered", "client_id": client_id}
+        if token is not None:
+            reply["token"] = token
+        self.send(reply)
+        log.info(
+            "event=register client=%s new=%s cores=%d ram_gb=%.1f gpus=%d remote=%s",
+            client_id, token is not None, msg.hardware.cores, msg.hardware.ram_gb,
+            msg.hardware.gpu_count, self.remote,
+        )  # fmt: skip
+        if disabled:
+            self.error("client_disabled", "an admin disabled this client; it gets no work")
+        self.hub.attach(self)  # rings the doorbell: a reconnecting client gets its assignments again
+
+    def _check_id(self, claimed: str | None) -> None:
+        if claimed is not None and claimed != self.client_id:
+            raise ProtocolError("auth_failed", "client_id is not the id this connection registered as")
+
+    def _task_request(self, msg: TaskRequest) -> None:
+        self._check_id(msg.client_id)
+        if not jobs.broker_ok():
+            raise Unavailable("broker")
+        client_id = self.client_id
+        assert client_id is not None
+        ok = self.db.run(
+            lambda s: clients.request_work(
+                s, client_id, self.conn_id, utcnow(), max_tasks=self.settings.MAX_TASKS_PER_CLIENT
+            )
+        )
+        if not ok:
+            raise ProtocolError("client_disabled", "an admin disabled this client; it gets no work")
+        jobs.enqueue("workers.tasks.schedule", client_id)
+
+    def _find(self, task_id: int, round_no: int | None) -> int:
+        """The assignment id a progress or result refers to, from what this client was sent."""
+        with self._lock:
+            for aid, row in self._held.items():
+                if row.task_id == task_id and (round_no is None or row.round == round_no):
+                    return aid
+        client_id = self.client_id
+        assert client_id is not None
+        try:  # not delivered through this connection: ask the database
+            return self.db.run(lambda s: assignments.find_open(s, client_id, task_id, round_no).id)
+        except UnknownTask:
+            raise ProtocolError("unknown_task", f"no task {task_id}") from None
+        except NotAssigned:
+            which = f"task {task_id}" + (f" round {round_no}" if round_no is not None else "")
+            raise ProtocolError("not_assigned", f"you do not hold {which}") from None
+
+    def _task_progress(self, msg: TaskProgress) -> None:
+        aid = self._find(msg.task_id, msg.round)
+        with self._lock:
+            self._progress[aid] = (msg.progress, msg.metrics)
+
+    def _task_result(self, msg: TaskResult) -> None:
+        client_id = self.client_id
+        assert client_id is not None
+        self._find(msg.task_id, msg.round)
+        try:
+            assignment, shard = self.db.run(
+                lambda s: assignments.finish(
+                    s,
+                    client_id,
+                    msg.task_id,
+                    msg.round,
+                    msg.status,
+                    msg.metrics,
+                    msg.error,
+                    utcnow(),
+                    max_attempts=self.settings.MAX_SHARD_ATTEMPTS,
+                )
+            )
+        except UnknownTask:
+            raise ProtocolError("unknown_task", f"no task {msg.task_id}") from None
+        except NotAssigned:
+            raise ProtocolError("not_assigned", f"you do not hold task {msg.task_id}") from None
+        except UploadRequired:
+            raise ProtocolError(
+                "upload_required", "upload the round's update (PUT update_url) before reporting completed"
+            ) from None
+        with self._lock:
+            self._finished.add(assignment.id)
+            self._held.pop(assignment.id, None)
+            self._progress.pop(assignment.id, None)
+        log.info(
+            "event=result task=%d round=%d rank=%d client=%s status=%s shard=%s",
+            msg.task_id, assignment.round, assignment.rank, client_id, msg.status,
+            shard.status if shard else "-",
+        )  # fmt: skip
+        jobs.enqueue("workers.tasks.advance_task", msg.task_id)
+        jobs.enqueue("workers.tasks.schedule", client_id)  # its load dropped: serve what it still asked for
+        if shard is not None and shard.status == "queued":
+            jobs.enqueue("workers.tasks.schedule")  # a failed shard is free for someone else
+
+    def _closed(self) -> None:
+        self.hub.detach(self)
+        client_id = self.client_id
+        if client_id is None:
+            return
+        try:
+            self.db.run(lambda s: clients.disconnect(s, client_id, self.conn_id, utcnow()))
+        except Exception as error:  # the sweep settles it after CONNECTION_TIMEOUT
+            log.warning("event=disconnect client=%s state=failed error=%s", client_id, type(error).__name__)
+        log.info("event=disconnect client=%s", client_id)
+
+
+def task_message(row: assignments.Open) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": row.task_id,
+        "type": row.task_type,
+        "config": row.config,
+        "requirements": row.requirements,
+        "rank": row.rank,
+        "num_shards": row.num_shards,
+        "round": row.round,
+    }
+    if row.task_type == FEDERATED:
+        data["model_url"] = f"/api/tasks/{row.task_id}/rounds/{row.round}/model"
+        data["update_url"] = f"/api/tasks/{row.task_id}/rounds/{row.round}/updates/{row.rank}"
+    return {"type": "task", "data": data}

@@ -1,0 +1,131 @@
+-- AI Farm server: MySQL / MariaDB schema.
+--
+-- The specification's three tables (tasks, task_assignments, clients) keep their names,
+-- columns and enum values. Everything else is additive: extra columns (marked "additive"),
+-- extra enum values at the end of an enum, and the tables task_shards, task_rounds and
+-- admin_tokens. store/models.py mirrors this file; tests/services/test_schema.py applies
+-- this file to MariaDB and compares it with the models.
+--
+-- Apply with:  mysql ai_farm < schema.sql
+-- (CREATE DATABASE ai_farm CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci; first.)
+
+CREATE TABLE tasks (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    type VARCHAR(255) NOT NULL,
+    requirements JSON NOT NULL,
+    -- additive values: paused, stopped
+    status ENUM('pending', 'running', 'completed', 'failed', 'error', 'paused', 'stopped') NOT NULL,
+    client_id VARCHAR(255),
+    created_at DATETIME NOT NULL,
+    updated_at DATETIME NOT NULL,
+    result JSON,
+    error_log TEXT,
+    priority INT DEFAULT 0,
+    config JSON,
+    checkpoint_path VARCHAR(255),
+    -- additive
+    num_shards INT NOT NULL DEFAULT 1,
+    current_round INT NOT NULL DEFAULT 0,
+    status_reason VARCHAR(255),
+    INDEX ix_tasks_status_priority (status, priority DESC, id)
+);
+
+CREATE TABLE task_assignments (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    task_id INT NOT NULL,
+    client_id VARCHAR(255) NOT NULL,
+    assigned_at DATETIME NOT NULL,
+    -- additive value: released (the client went away or was disabled; not the shard's fault)
+    status ENUM('assigned', 'training', 'completed', 'failed', 'released') NOT NULL,
+    `rank` INT NOT NULL,
+    -- for federated rounds: the client's uploaded update
+    checkpoint_path VARCHAR(255),
+    -- additive
+    `round` INT NOT NULL DEFAULT 0,
+    shard_id INT NOT NULL,
+    updated_at DATETIME(6) NOT NULL,
+    progress FLOAT,
+    metrics JSON,
+    error TEXT,
+    update_sha256 VARCHAR(64),
+    num_examples INT,
+    FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE,
+    INDEX ix_assignments_client_status (client_id, status),
+    INDEX ix_assignments_task_round (task_id, `round`, `rank`)
+);
+
+CREATE TABLE clients (
+    id VARCHAR(255) PRIMARY KEY,
+    cpu_info JSON NOT NULL,
+    ram_info JSON NOT NULL,
+    gpu_info JSON,
+    session_info JSON,
+    last_seen DATETIME NOT NULL,
+    status ENUM('active', 'inactive') NOT NULL,
+    -- additive
+    token_hash VARCHAR(64) NOT NULL,
+    created_at DATETIME NOT NULL,
+    disabled BOOL NOT NULL DEFAULT 0,
+    cpu_cores INT NOT NULL DEFAULT 0,
+    ram_gb DOUBLE NOT NULL DEFAULT 0,
+    gpu_count INT NOT NULL DEFAULT 0,
+    gpu_memory_gb DOUBLE NOT NULL DEFAULT 0,
+    task_types JSON,
+    conn_id VARCHAR(64),
+    pending_requests INT NOT NULL DEFAULT 0,
+    requested_at DATETIME(6),
+    UNIQUE INDEX ix_clients_conn (conn_id),
+    INDEX ix_clients_status_seen (status, last_seen),
+    INDEX ix_clients_waiting (pending_requests, requested_at)
+);
+
+-- Claimable work: rank `rank` of round `round` of a task. The claim runs
+--   SELECT ... WHERE status = 'queued' ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED
+-- and ix_task_shards_claim matches that ORDER BY exactly (with priority ASC in the index
+-- MariaDB cannot use it for the sort and the claim runs ~300x slower).
+CREATE TABLE task_shards (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    task_id INT NOT NULL,
+    `round` INT NOT NULL,
+    `rank` INT NOT NULL,
+    status ENUM('queued', 'assigned', 'done', 'failed', 'paused', 'cancelled') NOT NULL,
+    priority INT NOT NULL DEFAULT 0,
+    task_type VARCHAR(255) NOT NULL,
+    req_cpu_cores INT NOT NULL DEFAULT 0,
+    req_ram_gb DOUBLE NOT NULL DEFAULT 0,
+    req_gpu_count INT NOT NULL DEFAULT 0,
+    req_gpu_memory_gb DOUBLE NOT NULL DEFAULT 0,
+    assignment_id INT,
+    attempts INT NOT NULL DEFAULT 0,
+    created_at DATETIME(6) NOT NULL,
+    updated_at DATETIME(6) NOT NULL,
+    CONSTRAINT uq_task_shards_task_round_rank UNIQUE (task_id, `round`, `rank`),
+    FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE,
+    INDEX ix_task_shards_claim (status, priority DESC, id)
+);
+
+-- A federated round: the global model it trains from, the server optimizer state entering
+-- it, and its metrics once aggregated.
+CREATE TABLE task_rounds (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    task_id INT NOT NULL,
+    `round` INT NOT NULL,
+    status ENUM('training', 'done', 'failed') NOT NULL,
+    model_path VARCHAR(255) NOT NULL,
+    model_sha256 VARCHAR(64) NOT NULL,
+    state_path VARCHAR(255),
+    metrics JSON,
+    started_at DATETIME(6) NOT NULL,
+    finished_at DATETIME(6),
+    CONSTRAINT uq_task_rounds_task_round UNIQUE (task_id, `round`),
+    FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE
+);
+
+-- Admin API tokens, stored as SHA-256 of the token. ADMIN_TOKEN from the environment is
+-- accepted without a row here.
+CREATE TABLE admin_tokens (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    token_hash VARCHAR(64) NOT NULL UNIQUE,
+    label VARCHAR(255) NOT NULL,
+    created_at DATETIME NOT NULL
+);

@@ -1,0 +1,189 @@
+"""Clients: registration, connection, requests for work, liveness, admin enable/disable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session
+
+from store import assignments
+from store.auth import hash_token, new_client_id, new_token, token_matches
+from store.db import affected
+from store.models import Client
+
+
+class AuthFailed(Exception):
+    pass
+
+
+class ServerFull(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu_info: dict[str, Any]
+    ram_info: dict[str, Any]
+    gpu_info: list[dict[str, Any]]
+    cores: int
+    ram_gb: float
+    gpu_count: int
+    gpu_memory_gb: float
+    task_types: list[str] | None
+
+
+def connect(
+    s: Session,
+    hw: Hardware,
+    client_id: str | None,
+    token: str | None,
+    conn_id: str,
+    now: datetime,
+    *,
+    max_clients: int,
+    remote: str,
+) -> tuple[str, str | None, bool]:
+    """Register a new client or reconnect a known one on connection ``conn_id``.
+
+    Returns (client_id, token or None when not newly issued, disabled).
+    """
+    connected = s.execute(
+        select(func.count())
+        .select_from(Client)
+        .where(Client.conn_id.is_not(None), Client.id != (client_id or ""))
+    ).scalar_one()
+    if connected >= max_clients:
+        raise ServerFull()
+    session_info = {"remote": remote, "connected_at": now.isoformat(), "conn_id": conn_id}
+    hardware = {
+        "cpu_info": hw.cpu_info,
+        "ram_info": hw.ram_info,
+        "gpu_info": hw.gpu_info,
+        "cpu_cores": hw.cores,
+        "ram_gb": hw.ram_gb,
+        "gpu_count": hw.gpu_count,
+        "gpu_memory_gb": hw.gpu_memory_gb,
+        "task_types": hw.task_types,
+    }
+    if client_id is None:
+        issued = new_token()
+        new_id = new_client_id()
+        s.add(
+            Client(
+                id=new_id,
+                token_hash=hash_token(issued),
+                status="active",
+                last_seen=now,
+                created_at=now,
+                conn_id=conn_id,
+                session_info=session_info,
+                pending_requests=0,
+                disabled=False,
+                **hardware,
+            )
+        )
+        return new_id, issued, False
+    row = s.execute(select(Client).where(Client.id == client_id).with_for_update()).scalar_one_or_none()
+    if row is None or not token or not token_matches(token, row.token_hash):
+        raise AuthFailed()
+    for key, value in hardware.items():
+        setattr(row, key, value)
+    row.status = "active"
+    row.last_seen = now
+    row.conn_id = conn_id  # a newer connection takes over; the old one is closed by its web process
+    row.session_info = session_info
+    return row.id, None, row.disabled
+
+
+def disconnect(s: Session, client_id: str, conn_id: str, now: datetime) -> None:
+    """The socket closed. Assignments stay until CONNECTION_TIMEOUT, so a quick reconnect keeps them."""
+    s.execute(
+        update(Client)
+        .where(Client.id == client_id, Client.conn_id == conn_id)
+        .values(conn_id=None, last_seen=now, pending_requests=0, requested_at=None)
+    )
+
+
+def request_work(s: Session, client_id: str, conn_id: str, now: datetime, *, max_tasks: int) -> bool:
+    """Remember a ``task_request`` (up to MAX_TASKS_PER_CLIENT outstanding). False if not allowed."""
+    done = affected(
+        s.execute(
+            update(Client)
+            .where(Client.id == client_id, Client.conn_id == conn_id, Client.disabled.is_(False))
+            .values(
+                pending_requests=case(
+                    (Client.pending_requests < max_tasks, Client.pending_requests + 1), else_=max_tasks
+                ),
+                requested_at=func.coalesce(Client.requested_at, now),
+                last_seen=now,
+            )
+        )
+    )
+    return done == 1
+
+
+def touch(s: Session, conn_ids: Sequence[str], now: datetime) -> set[str]:
+    """Refresh ``last_seen`` of live connections; returns the ones the database still knows.
+
+    A connection missing from the answer was superseded (the client connected elsewhere) or
+    timed out by the sweep; its web process closes it.
+    """
+    alive: set[str] = set()
+    for start in range(0, len(conn_ids), 500):
+        chunk = list(conn_ids[start : start + 500])
+        s.execute(update(Client).where(Client.conn_id.in_(chunk)).values(last_seen=now, status="active"))
+        alive.update(
+            c for c in s.execute(select(Client.conn_id).where(Client.conn_id.in_(chunk))).scalars() if c
+        )
+    return alive
+
+
+def set_disabled(
+    s: Session, client_id: str, disabled: bool, now: datetime, *, max_attempts: int
+) -> list[int]:
+    """Disable (no work; its assignments are released) or enable a client. Returns tasks touched."""
+    row = s.execute(select(Client).where(Client.id == client_id).with_for_update()).scalar_one()
+    row.disabled = disabled
+    if not disabled:
+        return []
+    row.pending_requests = 0
+    row.requested_at = None
+    return assignments.release_client(s, client_id, now, max_attempts=max_attempts)
+
+
+def expire(
+    s: Session, cutoff: datetime, now: datetime, *, limit: int, max_attempts: int
+) -> list[tuple[str, list[int]]]:
+    """The timeout sweep: active clients not heard from since ``cutoff`` become inactive.
+
+    Each expiry is a compare-and-set on (status, last_seen), so two sweeps never release the
+    same assignment twice. Returns (client id, task ids touched) per client expired.
+    """
+    stale = (
+        s.execute(
+            select(Client.id)
+            .where(Client.status == "active", Client.last_seen < cutoff)
+            .order_by(Client.last_seen)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    expired = []
+    for client_id in stale:
+        won = affected(
+            s.execute(
+                update(Client)
+                .where(Client.id == client_id, Client.status == "active", Client.last_seen < cutoff)
+                .values(status="inactive", conn_id=None, pending_requests=0, requested_at=None)
+            )
+        )
+        if won == 1:
+            expired.append(
+                (client_id, assignments.release_client(s, client_id, now, max_attempts=max_attempts))
+            )
+    return expired

@@ -1,0 +1,166 @@
+"""Engine and sessions, shared by the web tier and the workers. No Flask here.
+
+One :class:`Database` per process (:func:`get_db`). Workers dispose the inherited pool after
+fork; the web tier and workers open short transactions with :meth:`Database.session`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import CursorResult, Engine, create_engine, event, exc
+from sqlalchemy.orm import Session, sessionmaker
+
+import config
+from store.models import Base
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Unavailable(RuntimeError):
+    """The database (or the broker) cannot be reached; nothing was changed."""
+
+
+# MySQL error numbers that mean "try the transaction again": deadlock, lock wait timeout.
+_RETRYABLE_ERRNOS = frozenset({1213, 1205})
+
+
+def _errno(error: BaseException) -> int | None:
+    orig = getattr(error, "orig", None)
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def affected(result: Any) -> int:
+    """Rows matched by an UPDATE or DELETE (the compare-and-set's verdict)."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """A deadlock or lock timeout (MySQL) or a busy database (SQLite): run it again."""
+    if not isinstance(error, exc.OperationalError):
+        return False
+    if _errno(error) in _RETRYABLE_ERRNOS:
+        return True
+    return "database is locked" in str(getattr(error, "orig", error))
+
+
+def is_outage(error: BaseException) -> bool:
+    """The database cannot be reached (as opposed to a bug in a query or a conflict)."""
+    if isinstance(error, Unavailable):
+        return True
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, (exc.TimeoutError, exc.DisconnectionError, exc.InterfaceError)):
+        return True
+    return isinstance(error, exc.OperationalError) and not is_retryable(error)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_mysql = url.startswith("mysql")
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        elif self.is_mysql:
+            kwargs.update(
+                isolation_level="READ COMMITTED",
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                pool_size=pool_size,
+                max_overflow=2 * pool_size,
+                pool_timeout=5,
+                connect_args={"connect_timeout": 3, "read_timeout": 30, "write_timeout": 30},
+            )
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: commits when the block ends, rolls back on an exception.
+
+        Raises :class:`Unavailable` when the database cannot be reached.
+        """
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except BaseException as error:
+            s.rollback()
+            if is_outage(error) and not isinstance(error, Unavailable):
+                raise Unavailable(f"database unavailable: {type(error).__name__}") from error
+            raise
+        finally:
+            s.close()
+
+    def run(self, fn: Callable[[Session], T], *, attempts: int = 4) -> T:
+        """Run ``fn`` in a transaction, again on a deadlock or lock timeout (bounded)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.session() as s:
+                    return fn(s)
+            except exc.OperationalError as error:
+                if attempt == attempts or not is_retryable(error):
+                    raise
+                log.info("event=db_retry attempt=%d errno=%s", attempt, _errno(error))
+                time.sleep(random.uniform(0.005, 0.05) * attempt)
+        raise AssertionError("unreachable")
+
+    def create_all(self) -> None:
+        """Create missing tables from the models (SQLite and tests; MySQL uses schema.sql)."""
+        Base.metadata.create_all(self.engine)
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception as error:  # any failure means "not reachable" for health checks
+            log.warning("event=db_ping state=failed error=%s", type(error).__name__)
+            return False
+
+    def dispose(self, *, close: bool = True) -> None:
+        self.engine.dispose(close=close)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+_db: Database | None = None
+_lock = threading.Lock()
+
+
+def get_db() -> Database:
+    """The process's database, built from the environment on first use."""
+    global _db
+    if _db is None:
+        with _lock:
+            if _db is None:
+                _db = Database(config.load().database_url)
+    return _db
+
+
+def set_db(db: Database | None) -> None:
+    """Install the process's database (the app factory and tests do this)."""
+    global _db
+    _db = db

@@ -1,0 +1,195 @@
+"""SQLAlchemy models. They mirror ``schema.sql`` exactly (a test compares the two on MariaDB).
+
+The specification's three tables keep their names, columns and enum values; what we add is
+additive: columns, enum values, and the tables ``task_shards``, ``task_rounds`` and
+``admin_tokens``. Timestamps are naive UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Double,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TASK_STATUSES = ("pending", "running", "completed", "failed", "error", "paused", "stopped")
+ASSIGNMENT_STATUSES = ("assigned", "training", "completed", "failed", "released")
+CLIENT_STATUSES = ("active", "inactive")
+SHARD_STATUSES = ("queued", "assigned", "done", "failed", "paused", "cancelled")
+ROUND_STATUSES = ("training", "done", "failed")
+
+OPEN_ASSIGNMENT = ("assigned", "training")
+FEDERATED = "federated_training"  # the task type whose rounds exchange models
+FINAL_TASK = ("completed", "failed", "error", "stopped")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# DATETIME(6) on MySQL: our own timestamps keep microseconds (latency measurements need them).
+Micro = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+Json = JSON().with_variant(mysql.JSON(), "mysql", "mariadb")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _enum(name: str, values: tuple[str, ...]) -> Enum:
+    return Enum(*values, name=name, native_enum=True, create_constraint=True, validate_strings=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(255), nullable=False)
+    requirements: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False)
+    status: Mapped[str] = mapped_column(_enum("task_status", TASK_STATUSES), nullable=False)
+    client_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    result: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    error_log: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[int | None] = mapped_column(Integer, server_default=text("0"))
+    config: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    checkpoint_path: Mapped[str | None] = mapped_column(String(255))
+    # additive
+    num_shards: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    current_round: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    status_reason: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (Index("ix_tasks_status_priority", "status", text("priority DESC"), "id"),)
+
+
+class TaskAssignment(Base):
+    __tablename__ = "task_assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False)
+    client_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    status: Mapped[str] = mapped_column(_enum("assignment_status", ASSIGNMENT_STATUSES), nullable=False)
+    rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    # For federated rounds: the uploaded update (a safetensors file under CHECKPOINT_DIR).
+    checkpoint_path: Mapped[str | None] = mapped_column(String(255))
+    # additive
+    round: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    shard_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(Micro, nullable=False)
+    progress: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    error: Mapped[str | None] = mapped_column(Text)
+    update_sha256: Mapped[str | None] = mapped_column(String(64))
+    num_examples: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_assignments_client_status", "client_id", "status"),
+        Index("ix_assignments_task_round", "task_id", "round", "rank"),
+    )
+
+
+class Client(Base):
+    __tablename__ = "clients"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    cpu_info: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False)
+    ram_info: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False)
+    gpu_info: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
+    session_info: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    last_seen: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    status: Mapped[str] = mapped_column(_enum("client_status", CLIENT_STATUSES), nullable=False)
+    # additive
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("0"))
+    cpu_cores: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    ram_gb: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
+    gpu_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    gpu_memory_gb: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
+    task_types: Mapped[list[str] | None] = mapped_column(Json)
+    conn_id: Mapped[str | None] = mapped_column(String(64))
+    pending_requests: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    requested_at: Mapped[datetime | None] = mapped_column(Micro)
+
+    __table_args__ = (
+        Index("ix_clients_conn", "conn_id", unique=True),
+        Index("ix_clients_status_seen", "status", "last_seen"),
+        Index("ix_clients_waiting", "pending_requests", "requested_at"),
+    )
+
+
+class TaskShard(Base):
+    """One unit of claimable work: rank ``rank`` of round ``round`` of a task.
+
+    The claim reads ``status='queued' ORDER BY priority DESC, id``; the index below matches
+    that order exactly (with ``priority ASC`` it runs hundreds of times slower on MariaDB).
+    """
+
+    __tablename__ = "task_shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False)
+    round: Mapped[int] = mapped_column(Integer, nullable=False)
+    rank: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(_enum("shard_status", SHARD_STATUSES), nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    task_type: Mapped[str] = mapped_column(String(255), nullable=False)
+    req_cpu_cores: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    req_ram_gb: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
+    req_gpu_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    req_gpu_memory_gb: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
+    assignment_id: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(Micro, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(Micro, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("task_id", "round", "rank", name="uq_task_shards_task_round_rank"),
+        Index("ix_task_shards_claim", "status", text("priority DESC"), "id"),
+    )
+
+
+class TaskRound(Base):
+    """A federated round: the global model it trains from, and its metrics once aggregated."""
+
+    __tablename__ = "task_rounds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False)
+    round: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(_enum("round_status", ROUND_STATUSES), nullable=False)
+    model_path: Mapped[str] = mapped_column(String(255), nullable=False)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    state_path: Mapped[str | None] = mapped_column(String(255))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    started_at: Mapped[datetime] = mapped_column(Micro, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(Micro)
+
+    __table_args__ = (UniqueConstraint("task_id", "round", name="uq_task_rounds_task_round"),)
+
+
+class AdminToken(Base):
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    label: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)

@@ -1,0 +1,47 @@
+"""The embedded default: a real Celery worker and beat inside the web process.
+
+Used by ``python -m app`` when no ``REDIS_URL`` is set. The broker is Celery's in-memory
+transport, so producer and consumer must share the process. The worker uses the ``solo``
+pool: tasks run one at a time in the worker's own (green) thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from celery.beat import EmbeddedService
+from celery.worker import WorkController
+
+import config
+from workers import celery
+
+log = logging.getLogger(__name__)
+
+
+def start(settings: config.Settings) -> Callable[[], None]:
+    """Start the worker and beat in background threads; returns a function that stops both."""
+    Path(settings.DATA_DIR).mkdir(parents=True, exist_ok=True)
+    worker = WorkController(
+        app=celery,
+        hostname="embedded@aifarm",
+        pool_cls="solo",
+        concurrency=1,
+        loglevel=settings.LOG_LEVEL,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    thread = threading.Thread(target=worker.start, daemon=True, name="celery-worker")
+    thread.start()
+    beat = EmbeddedService(celery, thread=True)
+    beat.start()
+    log.info("event=embedded_worker state=started broker=%s", settings.broker_url)
+
+    def stop() -> None:
+        beat.stop()
+        worker.stop(in_sighandler=False)
+
+    return stop
