@@ -72,6 +72,7 @@ class Settings:
     DATA_DIR: str = "data"  # the embedded SQLite file lives here
     DATABASE_URL: str = ""  # empty: sqlite:///DATA_DIR/aifarm.sqlite3
     REDIS_URL: str = ""  # empty: embedded (in-memory broker, in-process doorbell)
+    DB_TIMEOUT: int = 10  # seconds a MySQL read or write may take before the request gets a 503
 
     # --- Security and limits ---
     ADMIN_TOKEN: str = ""  # empty: a token is generated, stored hashed, and printed once

@@ -65,7 +65,7 @@ def is_outage(error: BaseException) -> bool:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: int = 10) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_mysql = url.startswith("mysql")
@@ -83,7 +83,7 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=2 * pool_size,
                 pool_timeout=5,
-                connect_args={"connect_timeout": 3, "read_timeout": 30, "write_timeout": 30},
+                connect_args={"connect_timeout": 3, "read_timeout": timeout, "write_timeout": timeout},
             )
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
@@ -156,7 +156,8 @@ def get_db() -> Database:
     if _db is None:
         with _lock:
             if _db is None:
-                _db = Database(config.load().database_url)
+                settings = config.load()
+                _db = Database(settings.database_url, timeout=settings.DB_TIMEOUT)
     return _db
 
 

@@ -81,9 +81,19 @@ def python() -> str:
 
 def start_gunicorn(env: dict[str, str], port: int, log_dir: Path, workers: int = 2) -> Proc:
     args = [
-        python(), "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "--worker-class", "gevent", "--graceful-timeout", "3",
-    ]  # fmt: skip
+        python(),
+        "-m",
+        "gunicorn",
+        "app:create_app()",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gevent",
+        "--graceful-timeout",
+        "3",
+    ]
     proc = Proc(f"gunicorn-{port}", args, env, log_dir)
     wait_http(port, proc)
     return proc
@@ -97,10 +107,21 @@ def start_embedded(env: dict[str, str], port: int, log_dir: Path) -> Proc:
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2) -> Proc:
     args = [
-        python(), "-m", "celery", "-A", "workers", "worker", "--loglevel", "INFO",
-        "--concurrency", str(concurrency), "--hostname", f"{name}-{os.getpid()}@%h", "--without-mingle",
+        python(),
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}-{os.getpid()}@%h",
+        "--without-mingle",
         "--without-gossip",
-    ]  # fmt: skip
+    ]
     proc = Proc(name, args, env, log_dir)
     wait_for(lambda: "ready." in proc.output() or not proc.alive(), 60, what="celery worker ready")
     assert proc.alive(), proc.output()

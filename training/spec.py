@@ -17,6 +17,11 @@ MODELS: tuple[str, ...] = ("mlp", "cnn")
 DATASETS: tuple[str, ...] = ("digits", "synthetic")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 
+# Size of each dataset's train split (the same for every seed: the split is stratified), so a
+# task with more shards than training examples is refused at submit time without loading data.
+# tests/unit/test_training_registry.py checks these against ``training.data.load_split``.
+TRAIN_SIZES: dict[str, int] = {"digits": 1438, "synthetic": 400}
+
 DEFAULT_ROUNDS = 10
 MAX_ROUNDS = 10_000
 MAX_SHARDS = 1_000
@@ -99,9 +104,16 @@ def normalize_federated_config(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     partition = _choice(raw, "partition", "iid", PARTITIONS)
+    model = _choice(raw, "model", "mlp", MODELS)
+    dataset = _choice(raw, "dataset", "digits", DATASETS)
+    if num_shards > TRAIN_SIZES[dataset]:
+        raise SpecError(
+            f"config.num_shards must be at most {TRAIN_SIZES[dataset]} for dataset {dataset!r} "
+            f"(one training example per shard at least), got {num_shards}"
+        )
     config: dict[str, Any] = {
-        "model": _choice(raw, "model", "mlp", MODELS),
-        "dataset": _choice(raw, "dataset", "digits", DATASETS),
+        "model": model,
+        "dataset": dataset,
         "rounds": _int(raw, "rounds", DEFAULT_ROUNDS, 1, MAX_ROUNDS),
         "num_shards": num_shards,
         "local_epochs": _int(raw, "local_epochs", default_epochs, 1, MAX_LOCAL_EPOCHS),

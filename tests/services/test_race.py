@@ -1,0 +1,128 @@
+"""Many clients race for few shards: no shard is ever given to two clients."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from store.db import Database
+from store.models import Client, Task, utcnow
+from tests.conftest import rows
+from tests.helpers import Proc, WsClient, request, start_worker, wait_for
+from workers import lifecycle, scheduling
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+@pytest.fixture
+def second_worker(prod_env: dict[str, str], run_dir: Path) -> Iterator[Proc]:
+    """More schedulers at once: a second worker process beside the session's."""
+    proc = start_worker(prod_env, run_dir / "procs", name="race-worker", concurrency=4)
+    yield proc
+    proc.stop()
+
+
+def assert_no_double_assignment(db: Database) -> None:
+    doubled = rows(
+        db,
+        "SELECT shard_id, COUNT(*) FROM task_assignments "
+        "WHERE status IN ('assigned', 'training') GROUP BY shard_id HAVING COUNT(*) > 1",
+    )
+    assert doubled == []
+    mismatched = rows(
+        db,
+        "SELECT s.id FROM task_shards s JOIN task_assignments a ON a.id = s.assignment_id "
+        "WHERE a.shard_id <> s.id OR a.status NOT IN ('assigned', 'training')",
+    )
+    assert mismatched == []
+
+
+def test_sixty_sockets_race_for_eight_shards(server: int, db: Database, second_worker: Proc) -> None:
+    racers = [WsClient(server).register() for _ in range(60)]
+    try:
+        wide = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"num_shards": 5}})[1]
+        singles = [request(server, "POST", "/api/tasks", {"type": "echo"})[1] for _ in range(3)]
+        wait_for(lambda: rows(db, "SELECT COUNT(*) FROM task_shards") == [(8,)], what="8 shards queued")
+        for r in racers:
+            r.request_task()
+        wait_for(lambda: rows(db, "SELECT COUNT(*) FROM task_assignments") == [(8,)], what="8 assignments")
+        got = [(r.client_id, m["data"]) for r in racers for m in r.silent(0.5) if m["type"] == "task"]
+        assert len(got) == 8
+        assert len({(d["id"], d["rank"]) for _, d in got}) == 8  # every shard once
+        assert len({cid for cid, _ in got}) == 8  # one shard per client here
+        ranks = sorted(d["rank"] for _, d in got if d["id"] == wide["id"])
+        assert ranks == [0, 1, 2, 3, 4]
+        assert {d["id"] for _, d in got} == {wide["id"], *(t["id"] for t in singles)}
+        assert_no_double_assignment(db)
+    finally:
+        for r in racers:
+            r.close()
+
+
+def test_threads_claiming_directly_never_share_a_shard(db: Database) -> None:
+    """The claim itself, 16 threads at once on MariaDB (SKIP LOCKED), 40 clients, 12 shards."""
+    now = utcnow()
+    with db.session() as s:
+        for i in range(40):
+            s.add(
+                Client(
+                    id=f"c-race-{i}",
+                    cpu_info={"cores": 4},
+                    ram_info={"total_gb": 8},
+                    cpu_cores=4,
+                    ram_gb=8,
+                    token_hash="x" * 64,
+                    status="active",
+                    last_seen=now,
+                    created_at=now,
+                    conn_id=f"conn-{i}",
+                    pending_requests=3,
+                )
+            )
+        tasks = [
+            Task(
+                type="echo",
+                requirements={},
+                status="pending",
+                created_at=now,
+                updated_at=now,
+                num_shards=n,
+                priority=0,
+                config={},
+            )
+            for n in (6, 4, 1, 1)
+        ]
+        s.add_all(tasks)
+        s.flush()
+        for t in tasks:
+            lifecycle.create_shards(s, t, 0, now)
+
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def run(ids: list[str]) -> None:
+        try:
+            barrier.wait()
+            for cid in ids:
+                db.run(
+                    lambda s, cid=cid: scheduling.fill_client(s, cid, utcnow(), max_tasks=3, skip_locked=True)
+                )
+        except BaseException as error:
+            errors.append(error)
+
+    ids = [f"c-race-{i}" for i in range(40)]
+    threads = [threading.Thread(target=run, args=(ids[i::16],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert rows(db, "SELECT COUNT(*) FROM task_assignments") == [(12,)]
+    assert rows(db, "SELECT COUNT(*) FROM task_shards WHERE status = 'assigned'") == [(12,)]
+    per_client_task = Counter(rows(db, "SELECT client_id, task_id FROM task_assignments"))
+    assert max(per_client_task.values()) == 1  # distinct clients per task
+    assert_no_double_assignment(db)
