@@ -33,8 +33,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False
-worker_send_task_events = True  # Flower's live view
-task_send_sent_event = True
+# Task events cost three Redis publishes per task; Flower switches them on in the workers it
+# watches (``enable_events``), so they are off by default.
+worker_send_task_events = False
 
 broker_connection_retry_on_startup = True
 broker_connection_timeout = 3

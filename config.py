@@ -92,6 +92,7 @@ class Settings:
     SCHEDULE_BATCH: int = 500  # waiting clients served per scheduling run
     RECONCILE_INTERVAL: float = 5.0  # web: re-read open assignments of local sockets, flush last_seen
     AGGREGATION_SLICE_BYTES: int = 256 << 20  # models larger than this aggregate in parallel slices
+    AGGREGATION_LEASE: int = 900  # seconds before a stalled aggregation of a round may be retaken
 
     LOG_LEVEL: str = "INFO"
 

@@ -117,6 +117,7 @@ CREATE TABLE task_rounds (
     metrics JSON,
     started_at DATETIME(6) NOT NULL,
     finished_at DATETIME(6),
+    aggregating_since DATETIME(6),  -- a lease: an aggregation of this round began then
     CONSTRAINT uq_task_rounds_task_round UNIQUE (task_id, `round`),
     FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE
 );

@@ -27,6 +27,16 @@ from store.db import Database  # noqa: E402
 def init_db(settings: config.Settings) -> None:
     db = Database(settings.database_url)
     if db.is_mysql:
+        from sqlalchemy import create_engine
+
+        url = db.engine.url
+        server = create_engine(url.set(database=""), isolation_level="AUTOCOMMIT")
+        with server.connect() as conn:
+            conn.exec_driver_sql(
+                f"CREATE DATABASE IF NOT EXISTS `{url.database}` "
+                "CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
+            )
+        server.dispose()
         with db.engine.begin() as conn:
             existing = {row[0] for row in conn.exec_driver_sql("SHOW TABLES")}
             for statement in schema.statements():

@@ -166,7 +166,7 @@ def _after_status_change(task_id: int, status: str, notify: list[str]) -> None:
 
     get_bus().publish(notify)  # holders get pause / resume / stop from their web process
     if status in ("running", "pending"):
-        jobs.enqueue("workers.tasks.schedule")
+        jobs.request_schedule()
     current_app.logger.info("event=task_status task=%d status=%s notified=%d", task_id, status, len(notify))
 
 
@@ -258,7 +258,7 @@ def set_client_status(client_id: str) -> Response:
 
     get_bus().publish([client_id])  # its web process tells it to stop what it held
     if touched:
-        jobs.enqueue("workers.tasks.schedule")  # released shards go to someone else
+        jobs.request_schedule()  # released shards go to someone else
     current_app.logger.info(
         "event=client_status client=%s status=%s released=%d", client_id, target, len(touched)
     )

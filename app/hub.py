@@ -55,14 +55,16 @@ class Hub:
         self.bus.listen(self.ring)
         threading.Thread(target=self._loop, daemon=True, name="hub").start()
 
-    def attach(self, conn: Connection) -> None:
+    def attach(self, conn: Connection, *, reconnect: bool) -> None:
+        """Hold a registered connection; a reconnecting client is reconciled at once (its work)."""
         assert conn.client_id is not None
         with self._lock:
             old = self._conns.get(conn.client_id)
             self._conns[conn.client_id] = conn
         if old is not None and old is not conn:
             old.close_superseded()
-        self.ring([conn.client_id])
+        if reconnect:
+            self.ring([conn.client_id])
 
     def detach(self, conn: Connection) -> None:
         with self._lock:

@@ -29,6 +29,14 @@ def enqueue(name: str, *args: Any) -> bool:
         return False
 
 
+def request_schedule() -> None:
+    """Ask for a scheduling run unless one is already queued (a burst of requests -> one run)."""
+    from store.bus import SCHEDULE_PENDING, get_bus
+
+    if get_bus().set_flag(SCHEDULE_PENDING, ttl=5.0):
+        enqueue("workers.tasks.schedule")
+
+
 def broker_ok(max_age: float = 1.0) -> bool:
     """Whether the broker answers (cached for ``max_age`` seconds). Always true when embedded."""
     settings = config.load()

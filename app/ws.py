@@ -187,7 +187,8 @@ class Connection:
         )  # fmt: skip
         if disabled:
             self.error("client_disabled", "an admin disabled this client; it gets no work")
-        self.hub.attach(self)  # rings the doorbell: a reconnecting client gets its assignments again
+        # A reconnecting client is reconciled at once: it gets its open assignments again.
+        self.hub.attach(self, reconnect=token is None)
 
     def _check_id(self, claimed: str | None) -> None:
         if claimed is not None and claimed != self.client_id:
@@ -206,7 +207,7 @@ class Connection:
         )
         if not ok:
             raise ProtocolError("client_disabled", "an admin disabled this client; it gets no work")
-        jobs.enqueue("workers.tasks.schedule", client_id)
+        jobs.request_schedule()
 
     def _find(self, task_id: int, round_no: int | None) -> int:
         """The assignment id a progress or result refers to, from what this client was sent."""
@@ -265,9 +266,8 @@ class Connection:
             shard.status if shard else "-",
         )  # fmt: skip
         jobs.enqueue("workers.tasks.advance_task", msg.task_id)
-        jobs.enqueue("workers.tasks.schedule", client_id)  # its load dropped: serve what it still asked for
-        if shard is not None and shard.status == "queued":
-            jobs.enqueue("workers.tasks.schedule")  # a failed shard is free for someone else
+        # Its load dropped (it may have more requests waiting), and a failed shard is free again.
+        jobs.request_schedule()
 
     def _closed(self) -> None:
         self.hub.detach(self)

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         default=os.environ.get("AIFARM_SERVER"),
-        help="server URL, e.g. http://127.0.0.1:5000 (env AIFARM_SERVER)",
+        help="server URL, e.g. http://127.0.0.1:8000 (env AIFARM_SERVER)",
     )
     parser.add_argument(
         "--state",

@@ -19,11 +19,19 @@ import config
 log = logging.getLogger(__name__)
 
 CHANNEL = "aifarm:doorbell"
+SCHEDULE_PENDING = "aifarm:schedule:pending"  # set while a scheduling run is queued
 Listener = Callable[[list[str] | None], None]  # None: every local client
 
 
 class Bus:
     def publish(self, client_ids: Iterable[str] | None) -> None:
+        raise NotImplementedError
+
+    def set_flag(self, name: str, ttl: float) -> bool:
+        """Set ``name`` for ``ttl`` seconds unless it is set; True when this call set it."""
+        raise NotImplementedError
+
+    def clear_flag(self, name: str) -> None:
         raise NotImplementedError
 
     def listen(self, listener: Listener) -> None:
@@ -38,6 +46,20 @@ class LocalBus(Bus):
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._flags: dict[str, float] = {}
+        self._flag_lock = threading.Lock()
+
+    def set_flag(self, name: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._flag_lock:
+            if self._flags.get(name, 0.0) > now:
+                return False
+            self._flags[name] = now + ttl
+            return True
+
+    def clear_flag(self, name: str) -> None:
+        with self._flag_lock:
+            self._flags.pop(name, None)
 
     def publish(self, client_ids: Iterable[str] | None) -> None:
         ids = None if client_ids is None else list(client_ids)
@@ -71,6 +93,18 @@ class RedisBus(Bus):
             return bool(self._redis.ping())
         except Exception:
             return False
+
+    def set_flag(self, name: str, ttl: float) -> bool:
+        try:
+            return bool(self._redis.set(name, b"1", nx=True, px=int(ttl * 1000)))
+        except Exception:  # no flag, no debounce: enqueue anyway
+            return True
+
+    def clear_flag(self, name: str) -> None:
+        try:
+            self._redis.delete(name)
+        except Exception as error:  # the flag expires on its own
+            log.warning("event=flag_clear state=failed error=%s", type(error).__name__)
 
     def listen(self, listener: Listener) -> None:
         thread = threading.Thread(target=self._listen_forever, args=(listener,), daemon=True, name="doorbell")

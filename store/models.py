@@ -182,6 +182,8 @@ class TaskRound(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)
     started_at: Mapped[datetime] = mapped_column(Micro, nullable=False)
     finished_at: Mapped[datetime | None] = mapped_column(Micro)
+    # A lease: an aggregation of this round began then; others wait for it or for its expiry.
+    aggregating_since: Mapped[datetime | None] = mapped_column(Micro)
 
     __table_args__ = (UniqueConstraint("task_id", "round", name="uq_task_rounds_task_round"),)
 

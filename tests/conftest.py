@@ -108,7 +108,9 @@ def service_env(run_dir: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def prod_env(mysql_url: str, redis_url: str, run_dir: Path) -> dict[str, str]:
-    return service_env(run_dir, DATABASE_URL=mysql_url, REDIS_URL=redis_url)
+    # Slices of 64 KiB: every federated round here is aggregated by Celery chords of slice jobs
+    # (the embedded tests cover the single-job path).
+    return service_env(run_dir, DATABASE_URL=mysql_url, REDIS_URL=redis_url, AGGREGATION_SLICE_BYTES="65536")
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +141,8 @@ def clean(mysql_url: str) -> Iterator[None]:
     """Empty every table (but the admin tokens) before the test."""
     conn = mysql_connect(mysql_url.rsplit("/", 1)[1])
     with conn.cursor() as cur:
+        # A lock left behind by a previous test fails this one loudly instead of hanging it.
+        cur.execute("SET SESSION lock_wait_timeout = 30, innodb_lock_wait_timeout = 30")
         cur.execute("SET FOREIGN_KEY_CHECKS=0")
         for table in TABLES[:-1]:
             cur.execute(f"DELETE FROM {table}")

@@ -38,6 +38,10 @@ def start(settings: config.Settings) -> Callable[[], None]:
     thread.start()
     beat = EmbeddedService(celery, thread=True)
     beat.start()
+    # The in-memory broker starts empty: whatever was queued when the last process died is
+    # gone, so sweep at once (it re-drives every stalled task and round) and serve waiters.
+    celery.send_task("workers.tasks.sweep")
+    celery.send_task("workers.tasks.schedule")
     log.info("event=embedded_worker state=started broker=%s", settings.broker_url)
 
     def stop() -> None:

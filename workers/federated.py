@@ -1,15 +1,369 @@
-"""Federated rounds: the initial global model, aggregation, evaluation, checkpoints (issue 3, in progress)."""
+"""Federated rounds: the initial global model, aggregation, evaluation, checkpoints.
+
+Everything that matters lives in the database and under CHECKPOINT_DIR, so a worker or a
+whole server that dies mid-task resumes from the last round that finished: the round's
+global model file, the accepted updates (paths and checksums on their assignments) and the
+server optimizer state are all on disk before any row points at them.
+
+Aggregating a round is three steps, so that it can run in one job or fan out:
+
+1. :func:`start`: read the round's inputs, take the round's lease (``aggregating_since``,
+   so the sweep does not start a second aggregation beside a slow one), and plan it with
+   the aggregation library (headers checked, parameters split into slices of at most
+   ``AGGREGATION_SLICE_BYTES``);
+2. run the plan: in this process (:func:`run_here`), or, for a plan of several slices on the
+   production topology, as Celery chords of ``aggregate_slice`` jobs (``workers.tasks``),
+   one chord per phase; both run the library's same phase functions over the same slices, so
+   the results are equal bit for bit;
+3. :func:`complete`: evaluate the new model, write it (and the optimizer state) atomically,
+   and commit with a compare-and-set on the round's status: a duplicate job commits nothing.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
 import config
+from store import blobs as paths
 from store.blobs import BlobStore
-from store.db import Database
+from store.db import Database, affected
+from store.models import Task, TaskAssignment, TaskRound, utcnow
+from workers.lifecycle import create_shards, fail_task, has_shards
+
+if TYPE_CHECKING:
+    from aggregation import RoundResult
+
+log = logging.getLogger(__name__)
+
+Job = dict[str, Any]  # JSON-able: what a round's aggregation needs, passed between jobs as a file
+
+
+def round_seed(config_: dict[str, Any], round_no: int) -> int:
+    return int(config_.get("seed", 0)) * 1_000_003 + round_no
 
 
 def prepare(db: Database, blobs: BlobStore, task_id: int, settings: config.Settings) -> bool:
-    raise NotImplementedError("federated training is being built (issue 3)")
+    """Write the round-0 global model (seeded from the config) and queue round 0's shards."""
+    from training import build_model, state_to_bytes
+
+    task_config = db.run(lambda s: s.execute(select(Task.config).where(Task.id == task_id)).scalar())
+    if task_config is None:
+        return False
+    rel = paths.global_model_rel(task_id, 0)
+    sha = blobs.write(rel, state_to_bytes(build_model(task_config).state_dict()))
+
+    def commit(s: Session) -> bool:
+        task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+        if task is None or task.status not in ("pending", "running", "paused"):
+            return False
+        if has_shards(s, task_id, 0):
+            return False
+        now = utcnow()
+        first = s.execute(
+            select(TaskRound.id).where(TaskRound.task_id == task_id, TaskRound.round == 0)
+        ).first()
+        if first is None:
+            s.add(
+                TaskRound(
+                    task_id=task_id,
+                    round=0,
+                    status="training",
+                    model_path=rel,
+                    model_sha256=sha,
+                    started_at=now,
+                )
+            )
+        create_shards(s, task, 0, now)
+        task.current_round = 0
+        task.status_reason = "waiting for fitting clients"
+        task.updated_at = now
+        return True
+
+    return db.run(commit)
 
 
-def aggregate(db: Database, blobs: BlobStore, task_id: int, round_no: int, settings: config.Settings) -> str:
-    raise NotImplementedError("federated training is being built (issue 3)")
+# --- 1. start ---
+
+
+def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timedelta) -> Job | None:
+    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+        return None
+    rnd = s.execute(
+        select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
+    ).scalar_one_or_none()
+    if rnd is None or rnd.status != "training":
+        return None
+    done = s.execute(
+        select(TaskAssignment)
+        .where(
+            TaskAssignment.task_id == task_id,
+            TaskAssignment.round == round_no,
+            TaskAssignment.status == "completed",
+        )
+        .order_by(TaskAssignment.rank, TaskAssignment.id)
+    ).scalars()
+    latest: dict[int, TaskAssignment] = {}
+    for a in done:
+        latest[a.rank] = a  # one completed assignment per rank (its shard's compare-and-set)
+    if len(latest) < task.num_shards:
+        return None
+    took = affected(
+        s.execute(
+            update(TaskRound)
+            .where(
+                TaskRound.id == rnd.id,
+                TaskRound.status == "training",
+                or_(TaskRound.aggregating_since.is_(None), TaskRound.aggregating_since < now - lease),
+            )
+            .values(aggregating_since=now)
+        )
+    )
+    if took != 1:
+        return None  # another job is aggregating this round
+    return {
+        "task_id": task_id,
+        "round": round_no,
+        "config": dict(task.config or {}),
+        "rounds": int((task.config or {}).get("rounds", 1)),
+        "model_path": rnd.model_path,
+        "state_path": rnd.state_path,
+        "round_started_at": rnd.started_at.isoformat(),
+        "updates": [
+            {
+                "assignment_id": a.id,
+                "client_id": a.client_id,
+                "rank": a.rank,
+                "path": a.checkpoint_path,
+                "num_examples": a.num_examples or 0,
+                "metrics": a.metrics or {},
+            }
+            for _, a in sorted(latest.items())
+        ],
+    }
+
+
+def start(
+    db: Database, blobs: BlobStore, task_id: int, round_no: int, settings: config.Settings
+) -> Job | None:
+    """Take the round's lease and plan its aggregation; None when there is nothing to do."""
+    from training import shard_size
+
+    lease = timedelta(seconds=settings.AGGREGATION_LEASE)
+    job = db.run(lambda s: _inputs(s, task_id, round_no, utcnow(), lease))
+    if job is None:
+        return None
+    cfg = job["config"]
+    job["started"] = time.time()
+    job["step"] = 0
+    job["run"] = {  # the arguments of the round, the same whichever way it runs
+        "global_path": str(blobs.path(job["model_path"])),
+        "updates": [
+            {
+                "path": str(blobs.path(u["path"])),
+                "num_examples": int(u["num_examples"]),
+                "max_examples": shard_size(cfg, u["rank"]),
+                "key": str(u["assignment_id"]),
+            }
+            for u in job["updates"]
+        ],
+        "state_path": str(blobs.path(job["state_path"])) if job["state_path"] else None,
+        "round_seed": round_seed(cfg, round_no),
+        "max_slice_bytes": settings.AGGREGATION_SLICE_BYTES,
+    }
+    job["plan"] = _strategy(job).plan_round(**_run_args(job))
+    return job
+
+
+def _strategy(job: Job) -> Any:
+    import aggregation
+
+    cfg = job["config"]
+    return aggregation.build_strategy(cfg.get("strategy", "fedavg"), cfg.get("strategy_params", {}))
+
+
+def _run_args(job: Job) -> dict[str, Any]:
+    import aggregation
+
+    run = job["run"]
+    return {
+        "global_path": run["global_path"],
+        "updates": [aggregation.UpdateFile(**u) for u in run["updates"]],
+        "state_path": run["state_path"],
+        "round_seed": run["round_seed"],
+        "max_slice_bytes": run["max_slice_bytes"],
+    }
+
+
+def slices(job: Job) -> int:
+    return len(job["plan"]["slices"])
+
+
+# --- 2. run ---
+
+
+def run_here(job: Job) -> RoundResult:
+    """The whole round in this process: the library runs the same phases over the same slices
+    as the fan-out would, in order, so the result is the same bit for bit."""
+    result: RoundResult = _strategy(job).run_round(**_run_args(job))
+    return result
+
+
+def job_rel(job: Job) -> str:
+    return f"{_step_prefix(job)}.json"
+
+
+def slice_rel(job: Job, index: int) -> str:
+    return f"{_step_prefix(job)}-slice-{index:04d}.safetensors"
+
+
+def _step_prefix(job: Job) -> str:
+    return f"{paths.round_dir(job['task_id'], job['round'])}/aggregation/step-{job['step']:03d}"
+
+
+def save_job(blobs: BlobStore, job: Job) -> str:
+    """Write the job where every worker can read it (CHECKPOINT_DIR); returns its relative path."""
+    rel = job_rel(job)
+    blobs.write(rel, json.dumps(job).encode())
+    return rel
+
+
+def load_job(blobs: BlobStore, rel: str) -> Job:
+    job: Job = json.loads(blobs.path(rel).read_bytes())
+    return job
+
+
+# --- 3. complete ---
+
+
+def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job, result: RoundResult) -> str:
+    """Evaluate, write the next global model, and commit the round; returns what happened.
+
+    ``noop`` (committed already), ``next_round``, ``completed`` or ``failed``.
+    """
+    from training import evaluate, state_to_bytes
+
+    task_id, round_no, cfg = job["task_id"], job["round"], job["config"]
+    aggregation_s = time.time() - job["started"]
+    if not result.ok or result.params is None:
+        reason = f"round {round_no} could not be aggregated: {result.reason}"
+        return db.run(lambda s: _fail(s, task_id, round_no, reason, result.report))
+    evaluation = evaluate(result.params, cfg)
+    next_round = round_no + 1
+    model_rel = paths.global_model_rel(task_id, next_round)
+    model_sha = blobs.write(model_rel, state_to_bytes(result.params))
+    state_rel = None
+    if result.state:
+        state_rel = paths.state_rel(task_id, next_round)
+        blobs.write(state_rel, _state_bytes(result.state, cfg.get("strategy", "fedavg")))
+    weights = [max(1, int(u["num_examples"])) for u in job["updates"]]
+    losses = [u["metrics"].get("train_loss") for u in job["updates"]]
+    known = [(w, float(x)) for w, x in zip(weights, losses, strict=True) if isinstance(x, (int, float))]
+    now = utcnow()
+    metrics: dict[str, Any] = {
+        "round": round_no,
+        "clients": len({u["client_id"] for u in job["updates"]}),
+        "updates": len(job["updates"]),
+        "train_loss": sum(w * x for w, x in known) / sum(w for w, _ in known) if known else None,
+        "test_loss": evaluation["test_loss"],
+        "test_accuracy": evaluation["test_accuracy"],
+        "seconds": (now - datetime.fromisoformat(job["round_started_at"])).total_seconds(),
+        "aggregation_seconds": round(aggregation_s, 4),
+        "slices": slices(job),
+        "report": result.report,
+    }
+    final = next_round >= job["rounds"]
+    checkpoint = final or (
+        settings.CHECKPOINT_FREQUENCY > 0 and next_round % settings.CHECKPOINT_FREQUENCY == 0
+    )
+    if checkpoint:
+        blobs.link(model_rel, paths.checkpoint_rel(task_id, next_round))
+
+    def commit(s: Session) -> str:
+        task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+        if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+            return "noop"
+        won = affected(
+            s.execute(
+                update(TaskRound)
+                .where(
+                    TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training"
+                )
+                .values(status="done", metrics=metrics, finished_at=now)
+            )
+        )
+        if won != 1:
+            return "noop"
+        if checkpoint:
+            task.checkpoint_path = paths.checkpoint_rel(task_id, next_round)
+        task.updated_at = now
+        if final:
+            task.status = "completed"
+            task.status_reason = None
+            task.result = {
+                "rounds": _history(s, task_id),
+                "final": {"test_accuracy": evaluation["test_accuracy"], "test_loss": evaluation["test_loss"]},
+                "model_sha256": model_sha,
+            }
+            return "completed"
+        s.add(
+            TaskRound(
+                task_id=task_id,
+                round=next_round,
+                status="training",
+                model_path=model_rel,
+                model_sha256=model_sha,
+                state_path=state_rel,
+                started_at=now,
+            )
+        )
+        task.current_round = next_round
+        create_shards(s, task, next_round, now)
+        return "next_round"
+
+    outcome = db.run(commit)
+    if outcome != "noop" and round_no > 0:
+        blobs.remove(paths.round_dir(task_id, round_no - 1))  # only checkpoints keep older models
+    log.info(
+        "event=round_aggregated task=%d round=%d outcome=%s updates=%d slices=%d test_accuracy=%.4f "
+        "aggregation_s=%.4f",
+        task_id, round_no, outcome, len(job["updates"]), slices(job),
+        evaluation["test_accuracy"], aggregation_s,
+    )  # fmt: skip
+    return outcome
+
+
+def _state_bytes(state: dict[str, Any], strategy: str) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()}, metadata={"aggregation.strategy": strategy})
+
+
+def _history(s: Session, task_id: int) -> list[dict[str, Any]]:
+    rounds = s.execute(
+        select(TaskRound.metrics)
+        .where(TaskRound.task_id == task_id, TaskRound.status == "done")
+        .order_by(TaskRound.round)
+    ).scalars()
+    return [{k: v for k, v in (m or {}).items() if k != "report"} for m in rounds]
+
+
+def _fail(s: Session, task_id: int, round_no: int, reason: str, report: dict[str, Any]) -> str:
+    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+        return "noop"
+    s.execute(
+        update(TaskRound)
+        .where(TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training")
+        .values(status="failed", metrics={"round": round_no, "report": report}, finished_at=utcnow())
+    )
+    fail_task(s, task, utcnow(), reason)
+    log.warning("event=round_failed task=%d round=%d reason=%s", task_id, round_no, reason)
+    return "failed"

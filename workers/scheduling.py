@@ -1,14 +1,25 @@
 """Matching queued shards to waiting clients. Plain functions over a session; tasks.py wraps them.
 
 The claim is the heart of it: a shard is given to at most one client, whatever the number of
-schedulers running at once. On MySQL/MariaDB the claim is ``SELECT ... FOR UPDATE SKIP LOCKED``
-in the order of the ``ix_task_shards_claim`` index; elsewhere (SQLite, embedded) it is a
-compare-and-set ``UPDATE ... WHERE status = 'queued'`` whose row count says who won.
+schedulers running at once. On MySQL/MariaDB rows are taken with ``SELECT ... FOR UPDATE SKIP
+LOCKED`` in the order of the ``ix_task_shards_claim`` index; elsewhere (SQLite, embedded) the
+final word is a compare-and-set ``UPDATE ... WHERE status = 'queued'`` whose row count says
+who won. Both are used on both: the lock keeps schedulers out of each other's way, the
+compare-and-set makes a double assignment impossible even without it.
+
+The fast path, :func:`serve_batch`, serves a batch of waiting clients in one transaction:
+it locks up to ``batch`` waiting clients and a window of queued shards, matches them in
+Python (priority order, hardware, task types, one rank of a task per client,
+MAX_TASKS_PER_CLIENT), and writes the assignments in bulk. A client that fits nothing in the
+window while more shards wait beyond it gets :func:`fill_client`, the per-client claim whose
+query filters by its hardware, so a deep queue never starves it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Select, exists, or_, select, update
@@ -118,6 +129,127 @@ def fill_client(
             client.pending_requests = 0
             client.requested_at = None
     return created
+
+
+def fits(client: Client, shard: TaskShard) -> bool:
+    """The same test as the claim query's WHERE clause, for the batch matcher."""
+    if client.task_types is not None and shard.task_type not in client.task_types:
+        return False
+    return (
+        shard.req_cpu_cores <= client.cpu_cores
+        and shard.req_ram_gb <= client.ram_gb
+        and shard.req_gpu_count <= client.gpu_count
+        and (shard.req_gpu_count == 0 or shard.req_gpu_memory_gb <= client.gpu_memory_gb)
+    )
+
+
+def _waiting(skip_locked: bool, limit: int) -> Select[Client]:
+    query = (
+        select(Client)
+        .where(
+            Client.pending_requests > 0,
+            Client.status == "active",
+            Client.conn_id.is_not(None),
+            Client.disabled.is_(False),
+        )
+        .order_by(Client.requested_at)
+        .limit(limit)
+    )
+    return query.with_for_update(skip_locked=True) if skip_locked else query
+
+
+@dataclass
+class Served:
+    assignments: list[tuple[str, int]] = field(default_factory=list)  # (client id, assignment id)
+    starved: list[str] = field(default_factory=list)  # fit nothing in the window; more shards wait
+    clients_seen: int = 0
+
+
+def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_locked: bool) -> Served:
+    """Serve up to ``batch`` waiting clients in one transaction (see the module doc)."""
+    served = Served()
+    clients = list(s.execute(_waiting(skip_locked, batch)).scalars())
+    served.clients_seen = len(clients)
+    if not clients:
+        return served
+    held: dict[str, set[int]] = defaultdict(set)
+    for client_id, task_id in s.execute(
+        select(TaskAssignment.client_id, TaskAssignment.task_id).where(
+            TaskAssignment.client_id.in_([c.id for c in clients]), TaskAssignment.status.in_(OPEN_ASSIGNMENT)
+        )
+    ):
+        held[client_id].add(task_id)
+    window = 4 * batch
+    shard_query = (
+        select(TaskShard)
+        .where(TaskShard.status == "queued")
+        .order_by(TaskShard.priority.desc(), TaskShard.id)
+    ).limit(window)
+    if skip_locked:
+        shard_query = shard_query.with_for_update(skip_locked=True)
+    shards = list(s.execute(shard_query).scalars())
+    window_full = len(shards) == window
+    taken: set[int] = set()
+    matches: list[tuple[Client, TaskShard]] = []
+    for client in clients:
+        slots = min(client.pending_requests, max_tasks - len(held[client.id]))
+        got = 0
+        for shard in shards:
+            if got >= slots:
+                break
+            if shard.id in taken or shard.task_id in held[client.id] or not fits(client, shard):
+                continue
+            won = affected(
+                s.execute(
+                    update(TaskShard)
+                    .where(TaskShard.id == shard.id, TaskShard.status == "queued")
+                    .values(status="assigned", updated_at=now)
+                )
+            )
+            taken.add(shard.id)
+            if won != 1:
+                continue  # another scheduler got it first (possible only without SKIP LOCKED)
+            held[client.id].add(shard.task_id)
+            matches.append((client, shard))
+            got += 1
+        if got == 0 and slots > 0 and window_full:
+            served.starved.append(client.id)
+        client.pending_requests -= got
+        if got and client.pending_requests <= 0:
+            client.pending_requests = 0
+            client.requested_at = None
+    if not matches:
+        return served
+    rows = [
+        TaskAssignment(
+            task_id=shard.task_id,
+            client_id=client.id,
+            assigned_at=now,
+            updated_at=now,
+            status="assigned",
+            rank=shard.rank,
+            round=shard.round,
+            shard_id=shard.id,
+        )
+        for client, shard in matches
+    ]
+    s.add_all(rows)
+    s.flush()
+    s.execute(
+        update(TaskShard),
+        [{"id": shard.id, "assignment_id": row.id} for (_, shard), row in zip(matches, rows, strict=True)],
+    )
+    started = sorted({shard.task_id for _, shard in matches})
+    s.execute(
+        update(Task)
+        .where(Task.id.in_(started), Task.status == "pending")
+        .values(status="running", updated_at=now, status_reason=None)
+    )
+    for client, shard in matches:
+        if shard.rank == 0:
+            s.execute(update(Task).where(Task.id == shard.task_id).values(client_id=client.id))
+    served.assignments = [(row.client_id, row.id) for row in rows]
+    return served
 
 
 def waiting_clients(s: Session, *, limit: int) -> list[str]:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 import config
 from store import clients as client_store
 from store.blobs import BlobStore, task_dir
-from store.bus import get_bus
+from store.bus import SCHEDULE_PENDING, get_bus
 from store.db import Unavailable, get_db
 from store.models import FEDERATED, Task, utcnow
 from workers import celery, lifecycle, scheduling
@@ -49,35 +49,46 @@ def _now(now_ts: float | None) -> datetime:
     return datetime.utcfromtimestamp(now_ts) if now_ts is not None else utcnow()
 
 
+BATCH = 50  # waiting clients served per transaction
+
+
 @celery.task(name="workers.tasks.schedule", **RETRY)
-def schedule(self: Any, client_id: str | None = None) -> int:
-    """Serve one waiting client, or (no id) every waiting client while fitting work is queued."""
+def schedule(self: Any) -> int:
+    """Serve waiting clients while fitting work is queued, a batch per transaction.
+
+    Requests arriving while this runs enqueue another run (the pending flag is cleared first),
+    so none is missed; beat runs it every SCHEDULE_INTERVAL as well.
+    """
+    bus = get_bus()
+    bus.clear_flag(SCHEDULE_PENDING)
     db = get_db()
     cfg = settings()
-    if client_id is not None:
-        waiting = [client_id]
-    else:
-        waiting = db.run(
-            lambda s: (
-                scheduling.waiting_clients(s, limit=cfg.SCHEDULE_BATCH) if scheduling.any_queued(s) else []
+    assigned = 0
+    for _ in range(max(1, cfg.SCHEDULE_BATCH // BATCH)):
+        served = db.run(
+            lambda s: scheduling.serve_batch(
+                s, utcnow(), batch=BATCH, max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
             )
         )
-    assigned = 0
-    for cid in waiting:
+        bus.publish(sorted({cid for cid, _ in served.assignments}))
+        assigned += len(served.assignments)
+        for cid in served.starved:  # fit nothing in the window: the per-client claim looks deeper
 
-        def fill(s: Session, cid: str = cid) -> list[int]:
-            made = scheduling.fill_client(
-                s, cid, utcnow(), max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
-            )
-            return [a.id for a in made]
+            def fill(s: Session, cid: str = cid) -> list[int]:
+                made = scheduling.fill_client(
+                    s, cid, utcnow(), max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
+                )
+                return [a.id for a in made]
 
-        created = db.run(fill)
-        if created:
-            assigned += len(created)
-            get_bus().publish([cid])
-            log.info("task=schedule client=%s assignments=%s", cid, ",".join(map(str, created)))
-    if client_id is None and len(waiting) == cfg.SCHEDULE_BATCH and assigned:
+            if db.run(fill):
+                assigned += 1
+                bus.publish([cid])
+        if served.clients_seen < BATCH or not served.assignments:
+            break
+    else:
         schedule.delay()  # more clients wait than one run serves
+    if assigned:
+        log.info("task=schedule state=finish assigned=%d", assigned)
     return assigned
 
 
@@ -116,14 +127,71 @@ def advance_task(self: Any, task_id: int) -> str:
 
 @celery.task(name="workers.tasks.aggregate_round", **RETRY)
 def aggregate_round(self: Any, task_id: int, round_no: int) -> str:
-    """Aggregate a finished federated round into the next global model (idempotent per round)."""
+    """Aggregate a finished federated round into the next global model (idempotent per round).
+
+    A model of several slices (larger than AGGREGATION_SLICE_BYTES) is aggregated by a chord
+    of ``aggregate_slice`` jobs per phase on the production topology; embedded, the same
+    phases run here, one after the other.
+    """
     from workers import federated
 
-    outcome = federated.aggregate(get_db(), blobs(), task_id, round_no, settings())
-    log.info("task=aggregate_round id=%d round=%d outcome=%s", task_id, round_no, outcome)
+    job = federated.start(get_db(), blobs(), task_id, round_no, settings())
+    if job is None:
+        return "noop"
+    if federated.slices(job) > 1 and not settings().embedded:
+        _fan_out(federated.save_job(blobs(), job))
+        log.info("task=aggregate_round id=%d round=%d slices=%d state=fanned_out",
+                 task_id, round_no, federated.slices(job))  # fmt: skip
+        return "sliced"
+    return _completed(federated.complete(get_db(), blobs(), settings(), job, federated.run_here(job)), job)
+
+
+def _fan_out(job_rel: str) -> None:
+    """One chord for the plan's current phase: a job per slice, then ``finish_sliced_round``."""
+    from celery import chord
+
+    from workers import federated
+
+    job = federated.load_job(blobs(), job_rel)
+    header = [aggregate_slice.s(job_rel, k) for k in range(federated.slices(job))]
+    chord(header)(finish_sliced_round.s(job_rel))
+
+
+def _completed(outcome: str, job: dict[str, Any]) -> str:
+    log.info("task=aggregate_round id=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
     if outcome in ("next_round", "failed"):
         schedule.delay()
     return outcome
+
+
+@celery.task(name="workers.tasks.aggregate_slice", bind=True, ignore_result=False)
+def aggregate_slice(self: Any, job_rel: str, index: int) -> dict[str, Any]:
+    """One slice of one phase of a round; returns its JSON-able partial result."""
+    import aggregation
+    from workers import federated
+
+    job = federated.load_job(blobs(), job_rel)
+    out = blobs().path(federated.slice_rel(job, index))
+    part: dict[str, Any] = aggregation.run_slice(job["plan"], index, str(out))
+    return part
+
+
+@celery.task(name="workers.tasks.finish_sliced_round", **RETRY)
+def finish_sliced_round(self: Any, parts: list[dict[str, Any]], job_rel: str) -> str:
+    """Reduce a phase's slice results (in slice order); start the next phase or complete the round."""
+    import aggregation
+    from workers import federated
+
+    store = blobs()
+    job = federated.load_job(store, job_rel)
+    plan = aggregation.advance_round(job["plan"], parts)
+    if plan["phase"] in ("stats", "apply"):
+        job.update(plan=plan, step=job["step"] + 1)
+        _fan_out(federated.save_job(store, job))
+        return "sliced"
+    last = [str(store.path(federated.slice_rel(job, k))) for k in range(federated.slices(job))]
+    result = aggregation.finish_round(plan, last)
+    return _completed(federated.complete(get_db(), store, settings(), job, result), job)
 
 
 @celery.task(name="workers.tasks.sweep", **RETRY)
@@ -141,7 +209,7 @@ def sweep_once(now: datetime) -> dict[str, int]:
     )
     released = sum(len(tasks) for _, tasks in expired)
     if released:
-        schedule.delay()
+        schedule.delay()  # freed shards go to waiting clients
     to_prepare, to_advance = db.run(lambda s: lifecycle.stalled(s, now, limit=cfg.SWEEP_LIMIT))
     for task_id in to_prepare:
         prepare_task.delay(task_id)
@@ -172,3 +240,9 @@ def clients_expire(
 def purge_task_files(self: Any, task_id: int) -> None:
     """Delete a deleted task's model files."""
     blobs().remove(task_dir(task_id))
+
+
+@celery.task(name="workers.tasks.ping", ignore_result=False)
+def ping() -> str:
+    """A no-op round trip: ``celery -A workers call workers.tasks.ping`` (operators, the benchmark)."""
+    return "pong"

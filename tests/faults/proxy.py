@@ -31,10 +31,11 @@ class Proxy:
         self.mode = "pass"
 
     def _drop_all(self) -> None:
+        # shutdown() before close(): a bare close() does not wake a thread blocked in recv()
+        # on Linux, and the connection to the real server would stay open (and its locks held).
         with self._lock:
             for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.close()
+                _kill(conn)
             self._conns.clear()
 
     def _accept(self) -> None:
@@ -66,6 +67,12 @@ class Proxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
+            _kill(src)
+            _kill(dst)
+
+
+def _kill(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        conn.close()
