@@ -73,6 +73,7 @@ class Settings:
     DATABASE_URL: str = ""  # empty: sqlite:///DATA_DIR/aifarm.sqlite3
     REDIS_URL: str = ""  # empty: embedded (in-memory broker, in-process doorbell)
     DB_TIMEOUT: int = 10  # seconds a MySQL read or write may take before the request gets a 503
+    DB_POOL_SIZE: int = 20  # connections kept per process (plus half as many more in a burst)
 
     # --- Security and limits ---
     ADMIN_TOKEN: str = ""  # empty: a token is generated, stored hashed, and printed once

@@ -38,7 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         "ping_interval": settings.WS_PING_INTERVAL,
     }
 
-    db = Database(settings.database_url, timeout=settings.DB_TIMEOUT)
+    db = Database(settings.database_url, pool_size=settings.DB_POOL_SIZE, timeout=settings.DB_TIMEOUT)
     if db.is_sqlite:
         db.create_all()
     set_db(db)  # workers in this process (embedded mode) use the same engine

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -43,6 +43,9 @@ class Hub:
         self._everyone = False
         self._wake = threading.Event()
         self._started = False
+        self._specs: dict[
+            int, tuple[dict[str, Any], dict[str, Any]]
+        ] = {}  # task id -> (config, requirements)
 
     # --- connections ---
 
@@ -110,7 +113,9 @@ class Hub:
                 time.sleep(min(self.interval, 1.0))
 
     def reconcile(self, client_ids: list[str]) -> None:
-        rows = self.db.run(lambda s: assignments.open_for_clients(s, client_ids))
+        if len(self._specs) > 10_000:
+            self._specs.clear()
+        rows = self.db.run(lambda s: assignments.open_for_clients(s, client_ids, self._specs))
         by_client: dict[str, list[assignments.Open]] = defaultdict(list)
         for row in rows:
             by_client[row.client_id].append(row)

@@ -65,6 +65,7 @@ def end_assignment(
             update(TaskAssignment)
             .where(TaskAssignment.id == assignment_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
             .values(**values)
+            .execution_options(synchronize_session=False)
         )
     )
     if ended != 1:
@@ -118,46 +119,57 @@ class Open:
     requirements: dict[str, Any]
 
 
-def open_for_clients(s: Session, client_ids: Sequence[str]) -> list[Open]:
-    """Open assignments of these clients with what a ``task`` message needs."""
-    out: list[Open] = []
+def open_for_clients(
+    s: Session, client_ids: Sequence[str], specs: dict[int, tuple[dict[str, Any], dict[str, Any]]]
+) -> list[Open]:
+    """Open assignments of these clients with what a ``task`` message needs.
+
+    ``specs`` caches each task's (config, requirements), which never change after submit: it
+    is read and filled here, so a task's JSON is decoded once per process, not once per row.
+    """
+    rows: list[Any] = []
     for start in range(0, len(client_ids), 500):
-        rows = s.execute(
-            select(
-                TaskAssignment.id,
-                TaskAssignment.client_id,
-                TaskAssignment.task_id,
-                TaskAssignment.round,
-                TaskAssignment.rank,
-                Task.type,
-                Task.status,
-                Task.num_shards,
-                Task.config,
-                Task.requirements,
-            )
-            .join(Task, Task.id == TaskAssignment.task_id)
-            .where(
-                TaskAssignment.client_id.in_(client_ids[start : start + 500]),
-                TaskAssignment.status.in_(OPEN_ASSIGNMENT),
-            )
-            .order_by(TaskAssignment.id)
-        ).all()
-        out.extend(
-            Open(
-                assignment_id=row[0],
-                client_id=row[1],
-                task_id=row[2],
-                round=row[3],
-                rank=row[4],
-                task_type=row[5],
-                task_status=row[6],
-                num_shards=row[7],
-                config=row[8] or {},
-                requirements=row[9] or {},
-            )
-            for row in rows
+        rows.extend(
+            s.execute(
+                select(
+                    TaskAssignment.id,
+                    TaskAssignment.client_id,
+                    TaskAssignment.task_id,
+                    TaskAssignment.round,
+                    TaskAssignment.rank,
+                    Task.type,
+                    Task.status,
+                    Task.num_shards,
+                )
+                .join(Task, Task.id == TaskAssignment.task_id)
+                .where(
+                    TaskAssignment.client_id.in_(client_ids[start : start + 500]),
+                    TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+                )
+                .order_by(TaskAssignment.id)
+            ).all()
         )
-    return out
+    missing = sorted({row[2] for row in rows} - specs.keys())
+    if missing:
+        for task_id, task_config, requirements in s.execute(
+            select(Task.id, Task.config, Task.requirements).where(Task.id.in_(missing))
+        ):
+            specs[task_id] = (task_config or {}, requirements or {})
+    return [
+        Open(
+            assignment_id=row[0],
+            client_id=row[1],
+            task_id=row[2],
+            round=row[3],
+            rank=row[4],
+            task_type=row[5],
+            task_status=row[6],
+            num_shards=row[7],
+            config=specs[row[2]][0],
+            requirements=specs[row[2]][1],
+        )
+        for row in rows
+    ]
 
 
 def find_open(s: Session, client_id: str, task_id: int, round_no: int | None) -> TaskAssignment:
@@ -184,6 +196,7 @@ def record_progress(s: Session, updates: Sequence[tuple[int, float, dict[str, An
             update(TaskAssignment)
             .where(TaskAssignment.id == aid, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
             .values(status="training", progress=progress, metrics=metrics, updated_at=now)
+            .execution_options(synchronize_session=False)
         )
 
 

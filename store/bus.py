@@ -77,7 +77,12 @@ class RedisBus(Bus):
         import redis
 
         self._url = url
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # Bounded and blocking: thousands of greenlets share a few connections instead of each
+        # opening its own (a new redis-py connection costs more CPU than the command).
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=32, timeout=5, socket_connect_timeout=2, socket_timeout=5
+        )
+        self._redis = redis.Redis(connection_pool=pool)
 
     def publish(self, client_ids: Iterable[str] | None) -> None:
         ids = None if client_ids is None else list(client_ids)

@@ -105,6 +105,7 @@ def disconnect(s: Session, client_id: str, conn_id: str, now: datetime) -> None:
         update(Client)
         .where(Client.id == client_id, Client.conn_id == conn_id)
         .values(conn_id=None, last_seen=now, pending_requests=0, requested_at=None)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -121,6 +122,7 @@ def request_work(s: Session, client_id: str, conn_id: str, now: datetime, *, max
                 requested_at=func.coalesce(Client.requested_at, now),
                 last_seen=now,
             )
+            .execution_options(synchronize_session=False)
         )
     )
     return done == 1
@@ -135,7 +137,12 @@ def touch(s: Session, conn_ids: Sequence[str], now: datetime) -> set[str]:
     alive: set[str] = set()
     for start in range(0, len(conn_ids), 500):
         chunk = list(conn_ids[start : start + 500])
-        s.execute(update(Client).where(Client.conn_id.in_(chunk)).values(last_seen=now, status="active"))
+        s.execute(
+            update(Client)
+            .where(Client.conn_id.in_(chunk))
+            .values(last_seen=now)
+            .execution_options(synchronize_session=False)
+        )
         alive.update(
             c for c in s.execute(select(Client.conn_id).where(Client.conn_id.in_(chunk))).scalars() if c
         )

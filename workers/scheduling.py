@@ -2,10 +2,10 @@
 
 The claim is the heart of it: a shard is given to at most one client, whatever the number of
 schedulers running at once. On MySQL/MariaDB rows are taken with ``SELECT ... FOR UPDATE SKIP
-LOCKED`` in the order of the ``ix_task_shards_claim`` index; elsewhere (SQLite, embedded) the
-final word is a compare-and-set ``UPDATE ... WHERE status = 'queued'`` whose row count says
-who won. Both are used on both: the lock keeps schedulers out of each other's way, the
-compare-and-set makes a double assignment impossible even without it.
+LOCKED`` in the order of the ``ix_task_shards_claim`` index: a locked row is this
+transaction's alone until it commits, so concurrent schedulers skip each other's rows.
+Elsewhere (SQLite, embedded) nothing is locked and the final word is a compare-and-set
+``UPDATE ... WHERE status = 'queued'`` whose row count says who won.
 
 The fast path, :func:`serve_batch`, serves a batch of waiting clients in one transaction:
 it locks up to ``batch`` waiting clients and a window of queued shards, matches them in
@@ -21,8 +21,9 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Select, exists, or_, select, update
+from sqlalchemy import Select, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.db import affected
@@ -131,11 +132,11 @@ def fill_client(
     return created
 
 
-def fits(client: Client, shard: TaskShard) -> bool:
-    """The same test as the claim query's WHERE clause, for the batch matcher."""
+def fits(client: Any, shard: Any) -> bool:
+    """The same test as the claim query's WHERE clause, for the batch matcher (rows or models)."""
     if client.task_types is not None and shard.task_type not in client.task_types:
         return False
-    return (
+    return bool(
         shard.req_cpu_cores <= client.cpu_cores
         and shard.req_ram_gb <= client.ram_gb
         and shard.req_gpu_count <= client.gpu_count
@@ -143,19 +144,27 @@ def fits(client: Client, shard: TaskShard) -> bool:
     )
 
 
-def _waiting(skip_locked: bool, limit: int) -> Select[Client]:
-    query = (
-        select(Client)
-        .where(
-            Client.pending_requests > 0,
-            Client.status == "active",
-            Client.conn_id.is_not(None),
-            Client.disabled.is_(False),
-        )
-        .order_by(Client.requested_at)
-        .limit(limit)
-    )
-    return query.with_for_update(skip_locked=True) if skip_locked else query
+WAITING_COLUMNS = (
+    Client.id,
+    Client.pending_requests,
+    Client.requested_at,
+    Client.cpu_cores,
+    Client.ram_gb,
+    Client.gpu_count,
+    Client.gpu_memory_gb,
+    Client.task_types,
+)
+SHARD_COLUMNS = (
+    TaskShard.id,
+    TaskShard.task_id,
+    TaskShard.round,
+    TaskShard.rank,
+    TaskShard.task_type,
+    TaskShard.req_cpu_cores,
+    TaskShard.req_ram_gb,
+    TaskShard.req_gpu_count,
+    TaskShard.req_gpu_memory_gb,
+)
 
 
 @dataclass
@@ -166,9 +175,24 @@ class Served:
 
 
 def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_locked: bool) -> Served:
-    """Serve up to ``batch`` waiting clients in one transaction (see the module doc)."""
+    """Serve up to ``batch`` waiting clients in one transaction (see the module doc).
+
+    Reads plain rows (no ORM objects) and writes in bulk: one INSERT for the assignments, one
+    executemany UPDATE each for the shards and the clients.
+    """
     served = Served()
-    clients = list(s.execute(_waiting(skip_locked, batch)).scalars())
+    waiting = (
+        select(*WAITING_COLUMNS)
+        .where(
+            Client.pending_requests > 0,
+            Client.status == "active",
+            Client.conn_id.is_not(None),
+            Client.disabled.is_(False),
+        )
+        .order_by(Client.requested_at)
+        .limit(batch)
+    )
+    clients = s.execute(waiting.with_for_update(skip_locked=True) if skip_locked else waiting).all()
     served.clients_seen = len(clients)
     if not clients:
         return served
@@ -179,18 +203,18 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
         )
     ):
         held[client_id].add(task_id)
-    window = 4 * batch
-    shard_query = (
-        select(TaskShard)
+    window = 2 * batch
+    queued = (
+        select(*SHARD_COLUMNS)
         .where(TaskShard.status == "queued")
         .order_by(TaskShard.priority.desc(), TaskShard.id)
-    ).limit(window)
-    if skip_locked:
-        shard_query = shard_query.with_for_update(skip_locked=True)
-    shards = list(s.execute(shard_query).scalars())
+        .limit(window)
+    )
+    shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
     window_full = len(shards) == window
     taken: set[int] = set()
-    matches: list[tuple[Client, TaskShard]] = []
+    matches: list[tuple[Any, Any]] = []
+    client_updates: list[dict[str, Any]] = []
     for client in clients:
         slots = min(client.pending_requests, max_tasks - len(held[client.id]))
         got = 0
@@ -199,46 +223,49 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
                 break
             if shard.id in taken or shard.task_id in held[client.id] or not fits(client, shard):
                 continue
-            won = affected(
-                s.execute(
-                    update(TaskShard)
-                    .where(TaskShard.id == shard.id, TaskShard.status == "queued")
-                    .values(status="assigned", updated_at=now)
-                )
-            )
             taken.add(shard.id)
-            if won != 1:
-                continue  # another scheduler got it first (possible only without SKIP LOCKED)
+            if not skip_locked and not _compare_and_set(s, shard.id, now):
+                continue  # another scheduler got it first (only possible without the row locks)
             held[client.id].add(shard.task_id)
             matches.append((client, shard))
             got += 1
         if got == 0 and slots > 0 and window_full:
             served.starved.append(client.id)
-        client.pending_requests -= got
-        if got and client.pending_requests <= 0:
-            client.pending_requests = 0
-            client.requested_at = None
+        if got:
+            left = max(0, client.pending_requests - got)
+            client_updates.append(
+                {
+                    "id": client.id,
+                    "pending_requests": left,
+                    "requested_at": client.requested_at if left else None,
+                }
+            )
     if not matches:
         return served
-    rows = [
-        TaskAssignment(
-            task_id=shard.task_id,
-            client_id=client.id,
-            assigned_at=now,
-            updated_at=now,
-            status="assigned",
-            rank=shard.rank,
-            round=shard.round,
-            shard_id=shard.id,
-        )
-        for client, shard in matches
-    ]
-    s.add_all(rows)
-    s.flush()
+    ids = s.scalars(
+        insert(TaskAssignment).returning(TaskAssignment.id, sort_by_parameter_order=True),
+        [
+            {
+                "task_id": shard.task_id,
+                "client_id": client.id,
+                "assigned_at": now,
+                "updated_at": now,
+                "status": "assigned",
+                "rank": shard.rank,
+                "round": shard.round,
+                "shard_id": shard.id,
+            }
+            for client, shard in matches
+        ],
+    ).all()
     s.execute(
         update(TaskShard),
-        [{"id": shard.id, "assignment_id": row.id} for (_, shard), row in zip(matches, rows, strict=True)],
+        [
+            {"id": shard.id, "status": "assigned", "assignment_id": aid, "updated_at": now}
+            for (_, shard), aid in zip(matches, ids, strict=True)
+        ],
     )
+    s.execute(update(Client), client_updates)
     started = sorted({shard.task_id for _, shard in matches})
     s.execute(
         update(Task)
@@ -248,8 +275,17 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     for client, shard in matches:
         if shard.rank == 0:
             s.execute(update(Task).where(Task.id == shard.task_id).values(client_id=client.id))
-    served.assignments = [(row.client_id, row.id) for row in rows]
+    served.assignments = [(client.id, aid) for (client, _), aid in zip(matches, ids, strict=True)]
     return served
+
+
+def _compare_and_set(s: Session, shard_id: int, now: datetime) -> bool:
+    won = s.execute(
+        update(TaskShard)
+        .where(TaskShard.id == shard_id, TaskShard.status == "queued")
+        .values(status="assigned", updated_at=now)
+    )
+    return affected(won) == 1
 
 
 def waiting_clients(s: Session, *, limit: int) -> list[str]:
