@@ -52,7 +52,13 @@ class Proc:
         self.log_path = log_dir / f"{name}.out"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (open for the process lifetime)
         self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def output(self) -> str:
@@ -74,6 +80,17 @@ class Proc:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(5)
         self._log.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the process that started it dies, so a killed test run or
+    benchmark leaves no worker behind to steal the next run's messages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def python() -> str:

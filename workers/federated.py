@@ -255,7 +255,9 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
     if not result.ok or result.params is None:
         reason = f"round {round_no} could not be aggregated: {result.reason}"
         return db.run(lambda s: _fail(s, task_id, round_no, reason, result.report))
+    clock = time.perf_counter()
     evaluation = evaluate(result.params, cfg)
+    evaluation_s = time.perf_counter() - clock
     next_round = round_no + 1
     model_rel = paths.global_model_rel(task_id, next_round)
     model_sha = blobs.write(model_rel, state_to_bytes(result.params))
@@ -276,6 +278,7 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
         "test_accuracy": evaluation["test_accuracy"],
         "seconds": (now - datetime.fromisoformat(job["round_started_at"])).total_seconds(),
         "aggregation_seconds": round(aggregation_s, 4),
+        "evaluation_seconds": round(evaluation_s, 4),
         "slices": slices(job),
         "report": result.report,
     }
@@ -328,14 +331,16 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
         create_shards(s, task, next_round, now)
         return "next_round"
 
+    clock = time.perf_counter()
     outcome = db.run(commit)
+    commit_s = time.perf_counter() - clock
     if outcome != "noop" and round_no > 0:
         blobs.remove(paths.round_dir(task_id, round_no - 1))  # only checkpoints keep older models
     log.info(
         "event=round_aggregated task=%d round=%d outcome=%s updates=%d slices=%d test_accuracy=%.4f "
-        "aggregation_s=%.4f",
+        "aggregation_s=%.4f evaluation_s=%.4f commit_s=%.4f",
         task_id, round_no, outcome, len(job["updates"]), slices(job),
-        evaluation["test_accuracy"], aggregation_s,
+        evaluation["test_accuracy"], aggregation_s, evaluation_s, commit_s,
     )  # fmt: skip
     return outcome
 

@@ -59,8 +59,13 @@ def schedule(self: Any) -> int:
     Requests arriving while this runs enqueue another run (the pending flag is cleared first),
     so none is missed; beat runs it every SCHEDULE_INTERVAL as well.
     """
+    get_bus().clear_flag(SCHEDULE_PENDING)
+    return serve_waiting()
+
+
+def serve_waiting() -> int:
+    """The body of ``schedule``; jobs that just made work available call it inline (one hop less)."""
     bus = get_bus()
-    bus.clear_flag(SCHEDULE_PENDING)
     db = get_db()
     cfg = settings()
     assigned = 0
@@ -160,7 +165,7 @@ def _fan_out(job_rel: str) -> None:
 def _completed(outcome: str, job: dict[str, Any]) -> str:
     log.info("task=aggregate_round id=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
     if outcome in ("next_round", "failed"):
-        schedule.delay()
+        serve_waiting()  # the next round's shards are queued: hand them out now
     return outcome
 
 
