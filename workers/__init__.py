@@ -9,10 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import after_setup_logger, worker_init, worker_process_init
 
 celery = Celery("aifarm", include=["workers.tasks"])
 celery.config_from_object("celeryconfig")
+
+
+@after_setup_logger.connect
+def _log_to_log_dir(**_: Any) -> None:
+    """Besides Celery's own output, workers and beat write LOG_DIR/server.log and error.log too."""
+    import config
+
+    config.setup_logging(config.load())
 
 
 @worker_init.connect

@@ -65,6 +65,16 @@ def test_every_admin_route_needs_a_valid_bearer_token(
         ({"type": "federated_training", "config": {"rounds": 0}}, "config.rounds"),
         ({"type": "federated_training", "config": {"lr": -0.1}}, "config.lr"),
         ({"type": "federated_training", "config": {"batch_size": 10**9}}, "config.batch_size"),
+        ({"type": "federated_training", "config": {"num_shards": 4, "strategy": "krum"}}, "2f + 2"),
+        (
+            {
+                "type": "federated_training",
+                "config": {"num_shards": 4, "strategy": "trimmed_mean", "strategy_params": {"beta": 0.5}},
+            },
+            "beta",
+        ),
+        ({"type": "federated_training", "config": {"strategy": "fedavg", "strategy_params": {"f": 1}}}, "f"),
+        ({"type": "federated_training", "config": {"strategy_params": {"noise_multiplier": 1.0}}}, "clip"),
     ],
 )
 def test_invalid_tasks_are_a_400_with_the_reason(server: int, db: Database, body: dict, needle: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +71,25 @@ def _registers(port: int) -> bool:
         return c.recv()["type"] == "registered"
     finally:
         c.close()
+
+
+def test_without_admin_token_one_is_generated_printed_once_and_works(tmp_path: Path) -> None:
+    env = service_env(tmp_path)
+    env.pop("ADMIN_TOKEN")
+    port = free_port()
+    first = start_embedded(env, port, tmp_path / "procs")
+    try:
+        printed = wait_for(
+            lambda: re.search(r"ADMIN TOKEN \(shown once, stored hashed\): (\S+)", first.output())
+        )
+        token = printed.group(1)
+        assert request(port, "GET", "/api/tasks", token=token)[0] == 200
+        assert request(port, "GET", "/api/tasks", token=token + "x")[0] == 401
+    finally:
+        first.stop()
+    second = start_embedded(env, port, tmp_path / "procs2")  # same data: the token exists already
+    try:
+        assert "ADMIN TOKEN" not in second.output()
+        assert request(port, "GET", "/api/tasks", token=token)[0] == 200
+    finally:
+        second.stop()

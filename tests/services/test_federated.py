@@ -101,6 +101,23 @@ def test_sliced_aggregation_equals_a_single_worker_bit_for_bit(
         assert torch.equal(torch.from_numpy(final[name]), tensor), name
 
 
+def test_server_optimizer_state_is_kept_between_rounds(
+    server: int, run_dir: Path, prod_env: dict[str, str], client_procs: list[Proc], db: Database
+) -> None:
+    client_procs.extend(start_clients(server, run_dir, 2, prod_env))
+    task = submit(server, rounds=3, strategy="fedadam", strategy_params={"server_lr": 0.01})
+    done = wait_status(server, task["id"], "completed")
+    assert len(done["result"]["rounds"]) == 3
+    states = rows(
+        db, "SELECT round, state_path FROM task_rounds WHERE task_id = :t ORDER BY round", t=task["id"]
+    )
+    assert states[0] == (0, None)  # nothing before the first round
+    assert all(path and path.endswith("server-state.safetensors") for _, path in states[1:])
+    kept = run_dir / "checkpoints" / states[-1][1]
+    moments = load_np(kept.read_bytes())
+    assert moments and all(np.isfinite(v).all() for v in moments.values())
+
+
 def test_real_clients_train_a_task_to_completion(
     server: int, run_dir: Path, prod_env: dict[str, str], client_procs: list[Proc], db: Database
 ) -> None:
