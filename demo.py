@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import secrets
 import shutil
 import sys
 import time
 from typing import Any
 
-from launch import ROOT, free_port, request, start_clients, start_topology
+from launch import ROOT, free_port, local_env, request, start_clients, start_topology
 
 RUN = ROOT / "demo-run"
 
@@ -74,17 +73,7 @@ def main() -> int:
     RUN.mkdir()
     token = secrets.token_urlsafe(16)
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "ADMIN_TOKEN": token,
-        "RATE_LIMIT": "6000/minute",
-        "DATA_DIR": str(RUN / "data"),
-        "LOG_DIR": str(RUN / "logs"),
-        "CHECKPOINT_DIR": str(RUN / "checkpoints"),
-        "SERVER_HOST": "127.0.0.1",
-        "SERVER_PORT": str(port),
-    }
+    env = local_env(RUN, token, SERVER_HOST="127.0.0.1", SERVER_PORT=str(port))
     started = time.monotonic()
     production = bool(env.get("DATABASE_URL") and env.get("REDIS_URL"))
     if production:

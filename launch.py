@@ -195,6 +195,20 @@ def request(
         conn.close()
 
 
+def local_env(run_dir: Path, admin_token: str, **extra: str) -> dict[str, str]:
+    """The environment of a local run whose files all live under ``run_dir``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "ADMIN_TOKEN": admin_token,
+        "RATE_LIMIT": "100000/minute",
+        "DATA_DIR": str(run_dir / "data"),
+        "LOG_DIR": str(run_dir / "logs"),
+        "CHECKPOINT_DIR": str(run_dir / "checkpoints"),
+        **extra,
+    }
+
+
 def start_topology(env: dict[str, str], port: int, log_dir: Path) -> list[Proc]:
     """The embedded server, or (``DATABASE_URL`` and ``REDIS_URL`` in ``env``) the production
     topology: ``python -m app init-db``, then a Celery worker, beat, and gunicorn on ``port``."""

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launch import free_port, request, start_clients, start_topology  # noqa: E402
+from launch import free_port, local_env, request, start_clients, start_topology  # noqa: E402
 
 LINE = re.compile(r"^(\S+) INFO aifarm\.ws event=(result|dispatch) task=(\d+) round=(\d+)")
 
@@ -57,15 +57,7 @@ def config(args: argparse.Namespace) -> dict:
 def federated(args: argparse.Namespace, run: Path) -> dict:
     token = secrets.token_urlsafe(16)
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "ADMIN_TOKEN": token,
-        "RATE_LIMIT": "100000/minute",
-        "DATA_DIR": str(run / "data"),
-        "LOG_DIR": str(run / "logs"),
-        "CHECKPOINT_DIR": str(run / "checkpoints"),
-    }
+    env = local_env(run, token)
     procs = start_topology(env, port, run / "procs")
     clients = start_clients(port, args.clients, run, env, run / "procs")
     try:

@@ -18,9 +18,10 @@ import redis
 from celery import Celery
 from sqlalchemy import text
 
+from launch import local_env
 from store import schema
 from store.db import Database
-from tests.helpers import ADMIN, ROOT, Proc, free_port, start_gunicorn, start_worker
+from tests.helpers import ADMIN, Proc, free_port, start_gunicorn, start_worker
 
 MYSQL_HOST = os.environ.get("TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("TEST_MYSQL_PORT", "3306"))
@@ -86,20 +87,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def service_env(run_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "LOG_DIR": str(run_dir / "logs"),
-        "CHECKPOINT_DIR": str(run_dir / "checkpoints"),
-        "DATA_DIR": str(run_dir / "data"),
-        "ADMIN_TOKEN": ADMIN,
-        "RATE_LIMIT": "100000/minute",
-        "CLIENT_RATE_LIMIT": "100000/minute",
-        "RECONCILE_INTERVAL": "1",
-        "SWEEP_INTERVAL": "3600",
-        "SCHEDULE_INTERVAL": "3600",
-    }
+    env = local_env(
+        run_dir,
+        ADMIN,
+        PYTHONUNBUFFERED="1",
+        CLIENT_RATE_LIMIT="100000/minute",
+        RECONCILE_INTERVAL="1",
+        SWEEP_INTERVAL="3600",
+        SCHEDULE_INTERVAL="3600",
+    )
     env.pop("REDIS_URL", None)
     env.pop("DATABASE_URL", None)
     env.update(extra)

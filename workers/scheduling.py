@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, exists, insert, or_, select, update
+from sqlalchemy import Select, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.db import affected
@@ -184,9 +184,9 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     waiting = (
         select(*WAITING_COLUMNS)
         .where(
-            Client.pending_requests > 0,
+            Client.pending_requests > 0,  # asked for work: served longest-waiting first
             Client.status == "active",
-            Client.conn_id.is_not(None),
+            Client.conn_id.is_not(None),  # connected now
             Client.disabled.is_(False),
         )
         .order_by(Client.requested_at)
@@ -286,24 +286,3 @@ def _compare_and_set(s: Session, shard_id: int, now: datetime) -> bool:
         .values(status="assigned", updated_at=now)
     )
     return affected(won) == 1
-
-
-def waiting_clients(s: Session, *, limit: int) -> list[str]:
-    """Connected, enabled clients with outstanding requests, longest waiting first."""
-    return list(
-        s.execute(
-            select(Client.id)
-            .where(
-                Client.pending_requests > 0,
-                Client.status == "active",
-                Client.conn_id.is_not(None),
-                Client.disabled.is_(False),
-            )
-            .order_by(Client.requested_at)
-            .limit(limit)
-        ).scalars()
-    )
-
-
-def any_queued(s: Session) -> bool:
-    return bool(s.execute(select(exists().where(TaskShard.status == "queued"))).scalar())
