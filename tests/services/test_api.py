@@ -210,6 +210,12 @@ def test_the_openapi_document_matches_the_routes(server: int) -> None:
     }
 
 
+def test_the_dashboard_page_is_served(server: int) -> None:
+    status, page = request(server, "GET", "/admin", token=None)
+    assert status == 200 and b"<title>AI Farm</title>" in page
+    assert b"/api/tasks" in page  # it drives the REST API with the token it is given
+
+
 def test_the_access_log_records_requests(server: int, run_dir) -> None:  # type: ignore[no-untyped-def]
     request(server, "GET", "/api/tasks?marker=1")
     log = run_dir / "logs" / "access.log"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from store.db import Database
 from tests.conftest import rows
-from tests.helpers import WsClient, request, wait_for
+from tests.helpers import WsClient, free_port, request, start_embedded, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -159,3 +160,34 @@ def test_a_reconnecting_client_gets_its_assignment_again(server: int, clients: l
     again.client_id, again.token = first.client_id, first.token
     again.register()
     assert again.next_task() == got
+
+
+def test_a_second_connection_of_a_client_supersedes_the_first(server: int, clients: list[WsClient]) -> None:
+    first = connect(server, clients)
+    second = WsClient(server)
+    clients.append(second)
+    second.client_id, second.token = first.client_id, first.token
+    second.register()
+    assert first.expect_error("superseded")["message"]
+    second.request_task()  # the new connection is the one that works
+    create_task(server)
+    assert second.next_task()["type"] == "echo"
+
+
+def test_python_m_app_serves_the_web_tier_alone_beside_gunicorn(
+    server: int, prod_env: dict[str, str], run_dir: Path, clients: list[WsClient]
+) -> None:
+    """`python -m app` with REDIS_URL set: no in-process worker; the session's Celery worker
+    schedules, and the Redis doorbell reaches this process's sockets."""
+    port = free_port()
+    web = start_embedded(prod_env, port, run_dir / "procs")
+    try:
+        status, health = request(port, "GET", "/healthz", token=None)
+        assert (status, health["mode"]) == (200, "production")
+        client = WsClient(port).register()
+        clients.append(client)
+        client.request_task()
+        task = create_task(server)  # submitted through gunicorn, delivered by the other process
+        assert client.next_task()["id"] == task["id"]
+    finally:
+        web.stop()
