@@ -67,6 +67,7 @@ task_routes = {
 }
 
 beat_schedule_filename = str(Path(_settings.DATA_DIR) / "celerybeat-schedule")
+beat_scheduler = "workers:Scheduler"  # PersistentScheduler that creates DATA_DIR first
 beat_schedule = {
     # Clients not heard from within CONNECTION_TIMEOUT become inactive; their work is released.
     # The same run re-drives anything a lost message left behind.

@@ -59,8 +59,28 @@ class WsClient:
     def recv(self, timeout: float = 10.0) -> dict[str, Any]:
         if self.inbox:
             return self.inbox.pop(0)
-        self.ws.settimeout(timeout)
-        return dict(json.loads(self.ws.recv()))
+        return self.expect_any(timeout)
+
+    def expect_any(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message, whatever it is, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = self._next(left)
+            if message is not None:
+                return message
+        raise websocket.WebSocketTimeoutException(f"no message within {timeout}s")
+
+    def _next(self, left: float) -> dict[str, Any] | None:
+        """One text message, or None at a ping or pong. ``ws.recv()`` answers pings itself and
+        keeps reading, so a server pinging more often than ``left`` would hold it forever;
+        returning at control frames keeps every wait bounded by its deadline."""
+        self.ws.settimeout(left)
+        opcode, data = self.ws.recv_data(control_frame=True)
+        if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+            return None
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            raise websocket.WebSocketConnectionClosedException(f"closed by the server: {data!r}")
+        return dict(json.loads(data))
 
     def expect(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         """The next message of type ``kind`` (matching ``match``); others are kept for later."""
@@ -72,10 +92,11 @@ class WsClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {kind} {match} within {timeout}s; inbox: {self.inbox}")
-            self.ws.settimeout(left)
             try:
-                message = json.loads(self.ws.recv())
+                message = self._next(left)
             except websocket.WebSocketTimeoutException:
+                continue
+            if message is None:
                 continue
             if _matches(message, kind, match):
                 return dict(message)
@@ -90,11 +111,12 @@ class WsClient:
         self.inbox.clear()
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            self.ws.settimeout(left)
             try:
-                got.append(json.loads(self.ws.recv()))
+                message = self._next(left)
             except websocket.WebSocketTimeoutException:
                 break
+            if message is not None:
+                got.append(message)
         return got
 
     def register(self, **hardware: Any) -> WsClient:

@@ -6,10 +6,23 @@ Run with ``celery -A workers worker``, exactly one ``celery -A workers beat``, a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
+from celery.beat import PersistentScheduler
 from celery.signals import after_setup_logger, worker_init, worker_process_init
+
+
+class Scheduler(PersistentScheduler):
+    """Beat's default scheduler, creating the folder of its schedule file (under DATA_DIR)
+    first: a beat that cannot open the file dies at start, and with it the sweep and the
+    scheduling safety net."""
+
+    def setup_schedule(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.schedule_filename)), exist_ok=True)
+        super().setup_schedule()
+
 
 celery = Celery("aifarm", include=["workers.tasks"])
 celery.config_from_object("celeryconfig")
