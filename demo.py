@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from launch import ROOT, free_port, local_env, request, start_clients, start_topology
+from launch import ROOT, digits_config, free_port, local_env, request, start_clients, start_topology
 
 RUN = ROOT / "demo-run"
 
@@ -33,17 +33,7 @@ RUN = ROOT / "demo-run"
 def task_body(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "type": "federated_training",
-        "config": {
-            "model": "mlp",
-            "dataset": "digits",
-            "rounds": args.rounds,
-            "num_shards": args.clients,
-            "local_epochs": 1,
-            "batch_size": 32,
-            "lr": 0.05,
-            "partition": "iid",
-            "strategy": args.strategy,
-        },
+        "config": digits_config(args.rounds, args.clients, args.strategy),
         "requirements": {"cpu_cores": 1, "ram_gb": 0.5},
     }
 

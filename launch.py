@@ -195,6 +195,21 @@ def request(
         conn.close()
 
 
+def digits_config(rounds: int, clients: int, strategy: str = "fedavg") -> dict[str, Any]:
+    """The task of `make demo` and bench/federated.py: an MLP on digits, one shard per client."""
+    return {
+        "model": "mlp",
+        "dataset": "digits",
+        "rounds": rounds,
+        "num_shards": clients,
+        "local_epochs": 1,
+        "batch_size": 32,
+        "lr": 0.05,
+        "partition": "iid",
+        "strategy": strategy,
+    }
+
+
 def local_env(run_dir: Path, admin_token: str, **extra: str) -> dict[str, str]:
     """The environment of a local run whose files all live under ``run_dir``."""
     return {

@@ -1180,7 +1180,7 @@ class Strategy:
     ) -> RoundResult:
         """Aggregate one round in this process.
 
-        Streams the update files (mmap windows; never all loaded), so extra memory is about
+        Streams the update files (windows read with ``preadv``; never all loaded), so extra memory is about
         one model for the mean rules (the output) plus ``chunk_bytes``-bounded windows for
         the order-statistic rules. Float32 models accumulate in float32, float64 in float64;
         float16/bfloat16 inputs are upcast to float32 window by window before any

@@ -35,23 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launch import free_port, local_env, request, start_clients, start_topology  # noqa: E402
+from launch import digits_config, free_port, local_env, request, start_clients, start_topology  # noqa: E402
 
 LINE = re.compile(r"^(\S+) INFO aifarm\.ws event=(result|dispatch) task=(\d+) round=(\d+)")
 
 
 def config(args: argparse.Namespace) -> dict:
-    return {
-        "model": "mlp",
-        "dataset": "digits",
-        "rounds": args.rounds,
-        "num_shards": args.clients,
-        "local_epochs": 1,
-        "batch_size": 32,
-        "lr": 0.05,
-        "partition": "iid",
-        "strategy": "fedavg",
-    }
+    return digits_config(args.rounds, args.clients)
 
 
 def federated(args: argparse.Namespace, run: Path) -> dict:
