@@ -57,25 +57,26 @@ class WsClient:
         self.ws.send(message if isinstance(message, str) else json.dumps(message))
 
     def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message, whatever it is, within ``timeout`` seconds."""
         if self.inbox:
             return self.inbox.pop(0)
-        return self.expect_any(timeout)
-
-    def expect_any(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next message, whatever it is, within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            message = self._next(left)
-            if message is not None:
+            if (message := self._next(left)) is not None:
                 return message
         raise websocket.WebSocketTimeoutException(f"no message within {timeout}s")
 
     def _next(self, left: float) -> dict[str, Any] | None:
-        """One text message, or None at a ping or pong. ``ws.recv()`` answers pings itself and
-        keeps reading, so a server pinging more often than ``left`` would hold it forever;
-        returning at control frames keeps every wait bounded by its deadline."""
+        """One text message within ``left`` seconds, or None (a timeout, a ping or a pong).
+
+        ``ws.recv()`` answers pings itself and keeps reading, so a server pinging more often
+        than ``left`` would hold it forever; returning at control frames keeps every wait
+        bounded by its caller's deadline."""
         self.ws.settimeout(left)
-        opcode, data = self.ws.recv_data(control_frame=True)
+        try:
+            opcode, data = self.ws.recv_data(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            return None
         if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
             return None
         if opcode == websocket.ABNF.OPCODE_CLOSE:
@@ -88,19 +89,14 @@ class WsClient:
         for i, message in enumerate(self.inbox):
             if _matches(message, kind, match):
                 return self.inbox.pop(i)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {kind} {match} within {timeout}s; inbox: {self.inbox}")
-            try:
-                message = self._next(left)
-            except websocket.WebSocketTimeoutException:
-                continue
+        while (left := deadline - time.monotonic()) > 0:
+            message = self._next(left)
             if message is None:
                 continue
             if _matches(message, kind, match):
-                return dict(message)
+                return message
             self.inbox.append(message)
+        raise AssertionError(f"no {kind} {match} within {timeout}s; inbox: {self.inbox}")
 
     def expect_error(self, code: str, timeout: float = 10.0) -> dict[str, Any]:
         return self.expect("error", timeout, code=code)
@@ -111,11 +107,7 @@ class WsClient:
         self.inbox.clear()
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                message = self._next(left)
-            except websocket.WebSocketTimeoutException:
-                break
-            if message is not None:
+            if (message := self._next(left)) is not None:
                 got.append(message)
         return got
 

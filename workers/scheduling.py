@@ -13,12 +13,19 @@ Python (priority order, hardware, task types, one rank of a task per client,
 MAX_TASKS_PER_CLIENT), and writes the assignments in bulk. A client that fits nothing in the
 window while more shards wait beyond it gets :func:`fill_client`, the per-client claim whose
 query filters by its hardware, so a deep queue never starves it.
+
+SKIP LOCKED also skips rows locked by anything else for a moment: the web tier refreshing
+``last_seen`` of its connections, or another scheduler that then leaves its window's shards
+unassigned. :func:`serve_batch` therefore compares what it locked with a plain read of the
+same rows and reports ``skipped``; the caller runs scheduling again shortly, so a waiting
+client never depends on beat's safety net to be served.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -172,6 +179,7 @@ class Served:
     assignments: list[tuple[str, int]] = field(default_factory=list)  # (client id, assignment id)
     starved: list[str] = field(default_factory=list)  # fit nothing in the window; more shards wait
     clients_seen: int = 0
+    skipped: bool = False  # waiting clients or queued shards were locked by someone else
 
 
 def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_locked: bool) -> Served:
@@ -194,6 +202,8 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     )
     clients = s.execute(waiting.with_for_update(skip_locked=True) if skip_locked else waiting).all()
     served.clients_seen = len(clients)
+    if skip_locked:
+        served.skipped = _skipped(s, waiting, clients)
     if not clients:
         return served
     held: dict[str, set[int]] = defaultdict(set)
@@ -211,6 +221,8 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
         .limit(window)
     )
     shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
+    if skip_locked and not served.skipped:
+        served.skipped = _skipped(s, queued, shards)
     window_full = len(shards) == window
     taken: set[int] = set()
     matches: list[tuple[Any, Any]] = []
@@ -277,6 +289,16 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
             s.execute(update(Task).where(Task.id == shard.task_id).values(client_id=client.id))
     served.assignments = [(client.id, aid) for (client, _), aid in zip(matches, ids, strict=True)]
     return served
+
+
+def _skipped(s: Session, query: Select[*tuple[Any, ...]], locked: Sequence[Any]) -> bool:
+    """Whether a plain read of ``query`` (its first column is the id) sees rows that the
+    ``SKIP LOCKED`` read of it did not get."""
+    taken = {row[0] for row in locked}
+    return any(
+        row_id not in taken
+        for row_id in s.execute(query.with_only_columns(query.selected_columns[0])).scalars()
+    )
 
 
 def _compare_and_set(s: Session, shard_id: int, now: datetime) -> bool:

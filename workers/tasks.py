@@ -50,6 +50,7 @@ def _now(now_ts: float | None) -> datetime:
 
 
 BATCH = 50  # waiting clients served per transaction
+SKIPPED_RETRY_S = 0.2  # when a run skipped locked rows, the next one starts after this
 
 
 @celery.task(name="workers.tasks.schedule", **RETRY)
@@ -69,6 +70,7 @@ def serve_waiting() -> int:
     db = get_db()
     cfg = settings()
     assigned = 0
+    skipped = False
     for _ in range(max(1, cfg.SCHEDULE_BATCH // BATCH)):
         served = db.run(
             lambda s: scheduling.serve_batch(
@@ -77,6 +79,7 @@ def serve_waiting() -> int:
         )
         bus.publish(sorted({cid for cid, _ in served.assignments}))
         assigned += len(served.assignments)
+        skipped = skipped or served.skipped
         for cid in served.starved:  # fit nothing in the window: the per-client claim looks deeper
 
             def fill(s: Session, cid: str = cid) -> list[int]:
@@ -92,6 +95,9 @@ def serve_waiting() -> int:
             break
     else:
         schedule.delay()  # more clients wait than one run serves
+    if skipped and bus.set_flag(SCHEDULE_PENDING, ttl=5.0):
+        # rows were locked by someone else for a moment: look again once they are free
+        schedule.apply_async(countdown=SKIPPED_RETRY_S)
     if assigned:
         log.info("task=schedule state=finish assigned=%d", assigned)
     return assigned

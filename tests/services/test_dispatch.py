@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from store.db import Database
-from tests.conftest import rows
+from tests.conftest import mysql_connect, rows
 from tests.helpers import WsClient, free_port, request, start_embedded, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -74,6 +75,42 @@ def test_a_request_is_remembered_until_work_appears(server: int, clients: list[W
     assert got["config"]["note"] == "hello"
     assert (got["rank"], got["num_shards"], got["round"]) == (0, 1, 0)
     assert task_of(server, task["id"])["status"] == "running"
+
+
+def test_a_waiting_client_locked_at_scheduling_time_is_served_once_free(
+    server: int, clients: list[WsClient], db: Database, mysql_url: str, run_dir: Path
+) -> None:
+    """SKIP LOCKED skips a client row that someone else holds for a moment (the web tier
+    refreshing last_seen does, every RECONCILE_INTERVAL). The run that skipped it must look
+    again: no beat runs here, so nothing else would serve the client."""
+    client = connect(server, clients)
+    client.request_task()
+    wait_for(
+        lambda: rows(db, "SELECT pending_requests FROM clients WHERE id = :c", c=client.client_id) == [(1,)],
+        what="request recorded",
+    )
+    log = run_dir / "logs" / "server.log"
+    lock = mysql_connect(make_url(mysql_url).database)
+    try:
+        with lock.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (client.client_id,))
+        task = create_task(server)
+        prepared = f"task=prepare_task id={task['id']} "
+
+        def ran_after_prepare() -> bool:
+            lines = log.read_text().splitlines()
+            at = next((i for i, line in enumerate(lines) if prepared in line), None)
+            return at is not None and any(
+                "workers.tasks.schedule[" in line and "succeeded" in line for line in lines[at:]
+            )
+
+        wait_for(ran_after_prepare, what="a scheduling run while the client row is locked")
+        assert [m for m in client.silent(0.5) if m["type"] == "task"] == []
+    finally:
+        lock.commit()
+        lock.close()
+    assert client.next_task(timeout=15)["id"] == task["id"]
 
 
 def test_shards_go_to_distinct_clients_and_results_are_combined(server: int, clients: list[WsClient]) -> None:
