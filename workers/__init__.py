@@ -29,11 +29,21 @@ celery.config_from_object("celeryconfig")
 
 
 @after_setup_logger.connect
-def _log_to_log_dir(**_: Any) -> None:
-    """Besides Celery's own output, workers and beat write LOG_DIR/server.log and error.log too."""
+def _log_to_log_dir(loglevel: int | str | None = None, **_: Any) -> None:
+    """Besides Celery's own output, workers and beat write LOG_DIR/server.log and error.log too.
+
+    The root level is LOG_LEVEL or ``--loglevel``, whichever is more verbose: a worker started
+    with ``--loglevel INFO`` still says ``ready.`` on its console when LOG_LEVEL is WARNING."""
+    import logging
+
     import config
 
     config.setup_logging(config.load())
+    if loglevel is not None:
+        asked = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
+        root = logging.getLogger()
+        if isinstance(asked, int) and asked < root.level:
+            root.setLevel(asked)
 
 
 @worker_init.connect
