@@ -1,7 +1,8 @@
 """The rules on small literal examples worked out by hand, and their properties.
 
 Through the functional ``aggregation.aggregate`` (models in, model out, like Flower's
-``aggregate``), which runs the same window kernels as a round.
+``aggregate``), which runs the same window kernels as a round (fedavg over float models:
+one weighted pass, equal up to rounding).
 """
 
 from __future__ import annotations
@@ -269,6 +270,39 @@ def test_float64_stays_float64() -> None:
     out = aggregate("fedavg", [(a, 1), (b, 1)])
     assert out["w"].dtype == torch.float64
     assert torch.allclose(out["w"], torch.tensor([2.0, 2e-17], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_fedavg_over_several_windows_is_the_example_weighted_sum() -> None:
+    """fedavg's one-pass path: tensors longer than a window, a non-contiguous input,
+    float32 and float64; checked against the weighted sum done in float64 by hand."""
+    from aggregation.rounds import MEAN_WINDOW
+
+    gen = torch.Generator().manual_seed(11)
+    counts = [1, 2, 5]
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+        ups = [
+            {
+                "w": torch.randn(MEAN_WINDOW + 3, generator=gen, dtype=dtype),
+                "t": torch.randn(3, 5, generator=gen, dtype=dtype).t(),  # not contiguous
+            }
+            for _ in counts
+        ]
+        before = [{k: v.clone() for k, v in u.items()} for u in ups]
+        out = aggregate("fedavg", list(zip(ups, counts, strict=True)))
+        for k in ("w", "t"):
+            want = sum(c * u[k].double() for u, c in zip(ups, counts, strict=True)) / sum(counts)
+            assert out[k].dtype == dtype and out[k].shape == ups[0][k].shape
+            assert torch.allclose(out[k].double(), want, rtol=0, atol=tol), (dtype, k)
+        assert all(torch.equal(u[k], b[k]) for u, b in zip(ups, before, strict=True) for k in u)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_fedavg_names_the_update_with_non_finite_values(value: float) -> None:
+    ups = random_updates(3, 5)
+    bad = {k: v.clone() for k, v in ups[2].items()}
+    bad["b"][1] = value
+    with pytest.raises(ValueError, match=r"updates\[2\]: non-finite values \(NaN or Inf\) in tensor 'b'"):
+        aggregate("fedavg", [(ups[0], 1), (ups[1], 4), (bad, 2)])
 
 
 # ------------------------------------------------------------------------- refusals
