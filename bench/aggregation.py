@@ -14,8 +14,10 @@ same tensors as .npy files for Flower. Every measurement runs in a fresh subproc
   the safetensors files (page cache warm), validates, computes per-update norms and the
   report, aggregates. Best of 5 runs reusing the output buffers (``reuse=``); the first
   (cold: fresh output buffers) run is reported too.
-- ``ours (in-memory)``: ``aggregation.aggregate(rule, [(state_dict, n)])`` on tensors
-  already loaded in RAM, the same situation as Flower's functions.
+- ``ours (in-memory)``: ``aggregation.aggregate(rule, [(state_dict, n)], out=...)`` on
+  tensors already loaded in RAM, the same situation as Flower's functions; like ``ours``,
+  runs after the first overwrite the previous result (``out=``), and the first (fresh
+  output memory) is reported too.
 - ``flwr``: ``flwr.server.strategy.aggregate`` (``aggregate``, ``aggregate_median``,
   ``aggregate_trimmed_avg``, ``aggregate_krum``) from flwr==1.42.0 in ``bench/.venv-flwr``
   (created by this script: ``python3 -m venv`` + ``pip install flwr==1.42.0 numpy``), on
@@ -169,13 +171,13 @@ def worker_ours_mem(args: argparse.Namespace) -> dict[str, Any]:
     aggregation.aggregate(args.rule, [({"w": torch.full((10,), float(i))}, 1) for i in range(8)], **params)
     base = reset_peak()
     times: list[float] = []
-    out: dict[str, Any] = {}
+    out: dict[str, Any] | None = None
     for _ in range(args.reps):
-        out = {}  # drop the previous result first, as the flwr side does
         gc.collect()
         t = time.perf_counter()
-        out = aggregation.aggregate(args.rule, updates, **params)
+        out = aggregation.aggregate(args.rule, updates, out=out, **params)
         times.append(time.perf_counter() - t)
+    assert out is not None
     extra = peak_rss() - base
     save_file(out, args.result)
     return {"times": times, "extra_bytes": extra, "load_s": load_s}

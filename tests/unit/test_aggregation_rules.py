@@ -305,6 +305,25 @@ def test_fedavg_names_the_update_with_non_finite_values(value: float) -> None:
         aggregate("fedavg", [(ups[0], 1), (ups[1], 4), (bad, 2)])
 
 
+@pytest.mark.parametrize(("rule", "params"), [("fedavg", {}), ("median", {}), ("krum", {"f": 1})])
+def test_out_buffers_are_overwritten_with_the_same_result(rule: str, params: dict[str, object]) -> None:
+    ups = list(zip(random_updates(5, 9), [3, 1, 4, 1, 5], strict=True))
+    fresh = aggregate(rule, ups, **params)
+    out = {"w": torch.full((7, 5), 99.0), "b": torch.empty(4)}  # "b" has the wrong shape
+    w_ptr = out["w"].data_ptr()
+    got = aggregate(rule, ups, out=out, **params)
+    assert got["w"].data_ptr() == w_ptr and got["b"].shape == (3,)
+    assert all(torch.equal(got[k], fresh[k]) for k in fresh)
+
+
+def test_out_must_not_share_memory_with_an_update() -> None:
+    ups = random_updates(3, 10)
+    with pytest.raises(ValueError, match=r"out shares memory with updates\[1\]\['w'\]"):
+        aggregate("fedavg", [(u, 1) for u in ups], out={"w": ups[1]["w"]})
+    with pytest.raises(ValueError, match="out shares memory"):
+        aggregate("median", [(u, 1) for u in ups], out={"w": ups[2]["w"]})
+
+
 # ------------------------------------------------------------------------- refusals
 
 
