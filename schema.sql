@@ -123,10 +123,12 @@ CREATE TABLE task_rounds (
 );
 
 -- Admin API tokens, stored as SHA-256 of the token. ADMIN_TOKEN from the environment is
--- accepted without a row here.
+-- accepted without a row here. A sign-in to the admin panel (ADMIN_USERNAME and
+-- ADMIN_PASSWORD) issues a token that expires (expires_at); API tokens have none.
 CREATE TABLE admin_tokens (
     id INT AUTO_INCREMENT PRIMARY KEY,
     token_hash VARCHAR(64) NOT NULL UNIQUE,
     label VARCHAR(255) NOT NULL,
-    created_at DATETIME NOT NULL
+    created_at DATETIME NOT NULL,
+    expires_at DATETIME
 );

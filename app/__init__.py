@@ -60,11 +60,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         settings.CLIENT_RATE_LIMIT,
         key_func=lambda: request.headers.get("X-Client-Id") or get_remote_address(),
     )(models_api.bp)
+    limiter.limit(settings.ADMIN_LOGIN_RATE_LIMIT)(dashboard.session_bp)
 
     errors.register(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(dashboard.session_bp)
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

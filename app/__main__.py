@@ -3,6 +3,7 @@
     python -m app                 serve on SERVER_HOST:SERVER_PORT
     python -m app token [LABEL]   create an admin token and print it
     python -m app init-db         create the tables (schema.sql on MySQL, the models on SQLite)
+                                  and add the columns a database of an older version lacks
     python -m app bootstrap-token print a first admin token if none exists (gunicorn runs this)
 
 With no REDIS_URL this is the embedded default: SQLite under DATA_DIR, an in-memory broker,
@@ -42,6 +43,8 @@ def init_db(settings: config.Settings) -> None:
             for statement in schema.statements():
                 if schema.table_of(statement) not in existing:
                     conn.exec_driver_sql(statement)
+        for name in db.add_missing_columns():
+            print(f"added column {name}")
     else:
         db.create_all()
     print(f"database ready: {db.engine.url.render_as_string(hide_password=True)}")

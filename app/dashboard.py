@@ -1,10 +1,33 @@
-"""``/admin``: a small dashboard over the REST API (the browser keeps the admin token)."""
+"""``/admin``: a small dashboard over the REST API, and its sign-in.
+
+The page signs in with ``ADMIN_USERNAME`` and ``ADMIN_PASSWORD`` (``POST /admin/login``),
+which issues an admin token that expires after ``ADMIN_SESSION_TTL``; the browser keeps it
+in session storage and calls the REST API with it, like any admin token (no cookies, so no
+cross-site request can act as the admin). An admin token can be pasted instead.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+import hmac
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.security import check_password_hash
+
+from app.auth import admin_required, bearer, db
+from app.errors import ApiError
+from store.auth import create_admin_session, end_admin_session
+from store.models import utcnow
 
 bp = Blueprint("dashboard", __name__)
+#: Sign-in and sign-out, under their own rate limit (ADMIN_LOGIN_RATE_LIMIT per address).
+session_bp = Blueprint("admin_session", __name__)
+log = logging.getLogger(__name__)
+
+#: Prefixes of werkzeug password hashes (``generate_password_hash``): ADMIN_PASSWORD holding
+#: one is checked as a hash, anything else as the password itself.
+HASH_PREFIXES = ("scrypt:", "pbkdf2:")
 
 
 @bp.get("/admin")
@@ -15,3 +38,46 @@ def admin_page() -> Response:
 @bp.get("/")
 def index() -> Response:
     return current_app.send_static_file("admin.html")
+
+
+def password_matches(given: str, configured: str) -> bool:
+    if configured.startswith(HASH_PREFIXES):
+        return check_password_hash(configured, given)
+    return hmac.compare_digest(given.encode(), configured.encode())
+
+
+@session_bp.post("/admin/login")
+def login() -> tuple[Response, int]:
+    settings = current_app.config["SETTINGS"]
+    body: Any = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, 'send a JSON object: {"username": "...", "password": "..."}')
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
+        raise ApiError(400, "username and password are required strings")
+    if not settings.ADMIN_PASSWORD:
+        raise ApiError(403, "password sign-in is off (ADMIN_PASSWORD is not set); use an admin token")
+    name_ok = hmac.compare_digest(username.encode(), settings.ADMIN_USERNAME.encode())
+    password_ok = password_matches(password, settings.ADMIN_PASSWORD)  # checked even for a wrong name
+    if not (name_ok and password_ok):
+        log.warning("event=admin_login state=failed remote=%s", request.remote_addr)
+        raise ApiError(401, "wrong username or password")
+    token, expires = db().run(
+        lambda s: create_admin_session(s, settings.ADMIN_USERNAME, settings.ADMIN_SESSION_TTL, utcnow())
+    )
+    log.info("event=admin_login state=ok user=%s remote=%s", settings.ADMIN_USERNAME, request.remote_addr)
+    body = {
+        "token": token,
+        "username": settings.ADMIN_USERNAME,
+        "expires_at": expires.isoformat(timespec="seconds") + "Z",
+    }
+    return jsonify(body), 200
+
+
+@session_bp.post("/admin/logout")
+@admin_required
+def logout() -> tuple[Response, int]:
+    token = bearer()
+    assert token is not None  # admin_required
+    ended = db().run(lambda s: end_admin_session(s, token))
+    return jsonify({"signed_out": ended}), 200

@@ -168,6 +168,53 @@ def document() -> dict[str, Any]:
                 },
             }
         },
+        "/admin/login": {
+            "post": {
+                "summary": "Sign in to the admin panel with ADMIN_USERNAME and ADMIN_PASSWORD; the "
+                "token it returns is an admin token until expires_at (ADMIN_SESSION_TTL)",
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["username", "password"],
+                                "properties": {
+                                    "username": {"type": "string"},
+                                    "password": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "token": {"type": "string"},
+                                "username": {"type": "string"},
+                                "expires_at": {"type": "string", "format": "date-time"},
+                            },
+                        }
+                    ),
+                    "400": _error("not a JSON object with username and password strings"),
+                    "401": _error("wrong username or password"),
+                    "403": _error("password sign-in is off (ADMIN_PASSWORD not set)"),
+                    "429": _error("too many attempts (ADMIN_LOGIN_RATE_LIMIT)"),
+                },
+            }
+        },
+        "/admin/logout": {
+            "post": {
+                "summary": "End a panel sign-in: its token stops working (API tokens are kept)",
+                "responses": {
+                    "200": _json({"type": "object", "properties": {"signed_out": {"type": "boolean"}}}),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
         "/api/openapi.json": {
             "get": {
                 "summary": "This document",

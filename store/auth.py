@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from store.models import AdminToken, utcnow
@@ -30,11 +31,39 @@ def token_matches(token: str, token_hash: str) -> bool:
 
 
 def admin_token_valid(s: Session, token: str, env_token: str) -> bool:
-    """``ADMIN_TOKEN`` from the environment, or any token stored in ``admin_tokens``."""
+    """``ADMIN_TOKEN`` from the environment, or a token stored in ``admin_tokens`` that has
+    not expired."""
     if env_token and hmac.compare_digest(token.encode(), env_token.encode()):
         return True
-    found = s.execute(select(AdminToken.id).where(AdminToken.token_hash == hash_token(token))).first()
+    found = s.execute(
+        select(AdminToken.id).where(
+            AdminToken.token_hash == hash_token(token),
+            or_(AdminToken.expires_at.is_(None), AdminToken.expires_at > utcnow()),
+        )
+    ).first()
     return found is not None
+
+
+def create_admin_session(s: Session, username: str, ttl_s: int, now: datetime) -> tuple[str, datetime]:
+    """A token for an admin panel sign-in, valid for ``ttl_s`` seconds; expired sign-ins
+    are deleted on the way. Returns (token, expires_at)."""
+    s.execute(delete(AdminToken).where(AdminToken.expires_at.is_not(None), AdminToken.expires_at <= now))
+    token = new_token()
+    expires = now + timedelta(seconds=ttl_s)
+    label = f"panel:{username}"
+    s.add(AdminToken(token_hash=hash_token(token), label=label, created_at=now, expires_at=expires))
+    return token, expires
+
+
+def end_admin_session(s: Session, token: str) -> bool:
+    """Delete the sign-in token ``token`` (API tokens, which never expire, are kept).
+    True when one was deleted."""
+    result = s.execute(
+        delete(AdminToken).where(
+            AdminToken.token_hash == hash_token(token), AdminToken.expires_at.is_not(None)
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def create_admin_token(s: Session, label: str) -> str:

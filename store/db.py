@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 import config
 from store.models import Base
@@ -132,8 +133,35 @@ class Database:
         raise AssertionError("unreachable")
 
     def create_all(self) -> None:
-        """Create missing tables from the models (SQLite and tests; MySQL uses schema.sql)."""
+        """Create missing tables from the models (SQLite and tests; MySQL uses schema.sql),
+        and add missing columns to existing ones (:meth:`add_missing_columns`)."""
         Base.metadata.create_all(self.engine)
+        self.add_missing_columns()
+
+    def add_missing_columns(self) -> list[str]:
+        """Add the columns the models have and an existing table lacks: schema.sql grows by
+        nullable (additive) columns, and a database made by an older version gets them here.
+        Returns the ``table.column`` names added. A missing NOT NULL column is an error (it
+        needs a value for the existing rows: migrate by hand)."""
+        inspector = inspect(self.engine)
+        tables = set(inspector.get_table_names())
+        added: list[str] = []
+        with self.engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                if table.name not in tables:
+                    continue
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in present:
+                        continue
+                    if not column.nullable:
+                        missing = f"{table.name}.{column.name}"
+                        raise RuntimeError(f"{missing} is missing and NOT NULL: migrate by hand")
+                    ddl = CreateColumn(column).compile(dialect=self.engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                    log.warning("event=schema_upgrade added=%s.%s", table.name, column.name)
+                    added.append(f"{table.name}.{column.name}")
+        return added
 
     def ping(self) -> bool:
         try:

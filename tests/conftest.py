@@ -86,12 +86,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("run")
 
 
+ADMIN_PASSWORD = "test-admin-password"  # the admin panel's password in test servers
+
+
 def service_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env = local_env(
         run_dir,
         ADMIN,
         PYTHONUNBUFFERED="1",
         CLIENT_RATE_LIMIT="100000/minute",
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        ADMIN_LOGIN_RATE_LIMIT="100000/minute",
         RECONCILE_INTERVAL="1",
         SWEEP_INTERVAL="3600",
         SCHEDULE_INTERVAL="3600",

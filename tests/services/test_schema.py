@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from launch import ROOT, python
+from store.auth import admin_token_valid
 from store.db import Database
 from store.models import ASSIGNMENT_STATUSES, CLIENT_STATUSES, TASK_STATUSES, Base
-from tests.conftest import mysql_connect
+from tests.conftest import apply_schema, mysql_connect
 
 
 def show_create(database: str) -> dict[str, list[str]]:
@@ -86,3 +93,60 @@ def test_the_specification_tables_keep_their_columns_and_enums(mysql_url: str) -
     assert "KEY `ix_task_shards_claim` (`status`,`priority` DESC,`id`)" in ddl["task_shards"]
     cascade = "FOREIGN KEY (`task_id`) REFERENCES `tasks` (`id`) ON DELETE CASCADE"
     assert any(cascade in line for line in ddl["task_assignments"])
+
+
+OLD_ROW = "INSERT INTO admin_tokens (token_hash, label, created_at) VALUES (%s, %s, %s)"
+
+
+def init_db(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [python(), "-m", "app", "init-db"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_init_db_adds_the_columns_a_database_of_an_older_version_lacks(from_models: str) -> None:
+    name = "aifarm_test_upgrade"
+    conn = mysql_connect()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+    try:
+        apply_schema(name)
+        old = mysql_connect(name)
+        with old.cursor() as cur:  # admin_tokens as it was before the panel's sign-in
+            cur.execute("ALTER TABLE admin_tokens DROP COLUMN expires_at")
+            cur.execute(OLD_ROW, ("ab", "ops", "2026-01-01"))
+        old.close()
+        env = {**os.environ, "DATABASE_URL": f"mysql+pymysql://root@127.0.0.1:3306/{name}"}
+        assert "added column admin_tokens.expires_at" in init_db(env)
+        assert show_create(name) == show_create(from_models)
+        assert "added column" not in init_db(env)  # nothing left to add
+        check = mysql_connect(name)
+        with check.cursor() as cur:
+            cur.execute("SELECT token_hash, label, expires_at FROM admin_tokens")
+            assert cur.fetchall() == (("ab", "ops", None),)  # the rows are kept
+        check.close()
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.close()
+
+
+def test_an_embedded_database_of_an_older_version_gets_its_missing_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE admin_tokens (id INTEGER PRIMARY KEY, token_hash VARCHAR(64) NOT NULL UNIQUE, "
+            "label VARCHAR(255) NOT NULL, created_at DATETIME NOT NULL)"
+        )
+        old.execute(OLD_ROW.replace("%s", "?"), ("ab", "ops", "2026-01-01"))
+    db = Database(f"sqlite:///{path}")
+    try:
+        db.create_all()  # what the embedded server does at start
+        with db.session() as s:
+            assert s.execute(text("SELECT label, expires_at FROM admin_tokens")).all() == [("ops", None)]
+            assert admin_token_valid(s, "not-ab", "") is False
+    finally:
+        db.dispose()
