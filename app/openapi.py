@@ -21,6 +21,15 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object with these properties, all required."""
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
 def _page_of(item: str) -> dict[str, Any]:
     return {
         "type": "object",
@@ -47,6 +56,7 @@ CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"ty
 ROUND = {"name": "round", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 RANK = {"name": "rank", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
+STRING = {"type": "string"}
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 AUTH_ERRORS = {"401": _error("missing or invalid token"), "429": _error("rate limited")}
@@ -173,21 +183,7 @@ def document() -> dict[str, Any]:
                 "summary": "Sign in to the admin panel with ADMIN_USERNAME and ADMIN_PASSWORD; the "
                 "token it returns is an admin token until expires_at (ADMIN_SESSION_TTL)",
                 "security": [],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["username", "password"],
-                                "properties": {
-                                    "username": {"type": "string"},
-                                    "password": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(_object({"username": STRING, "password": STRING})),
                 "responses": {
                     "200": _json(
                         {
@@ -234,10 +230,7 @@ def document() -> dict[str, Any]:
             },
             "post": {
                 "summary": "Submit a task",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("NewTask")}},
-                },
+                "requestBody": _body(_ref("NewTask")),
                 "responses": {
                     "201": _json(_ref("Task"), "created"),
                     "400": _error("invalid task"),
@@ -263,18 +256,7 @@ def document() -> dict[str, Any]:
             "put": {
                 "summary": "Pause, resume (running) or stop a task",
                 "parameters": [TASK_ID],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["status"],
-                                "properties": {"status": {"enum": list(validation.TASK_STATUS_TARGETS)}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(_object({"status": {"enum": list(validation.TASK_STATUS_TARGETS)}})),
                 "responses": {
                     "200": _json(_ref("Task")),
                     "400": _error("unknown status"),
@@ -356,18 +338,7 @@ def document() -> dict[str, Any]:
             "put": {
                 "summary": "Disable a client (no work; its assignments are released) or enable it",
                 "parameters": [CLIENT_ID],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["status"],
-                                "properties": {"status": {"enum": list(validation.CLIENT_STATUS_TARGETS)}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(_object({"status": {"enum": list(validation.CLIENT_STATUS_TARGETS)}})),
                 "responses": {
                     "200": _json(_ref("Client")),
                     "400": _error("unknown status"),
