@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from store.db import Database
-from tests.conftest import MYSQL_HOST, MYSQL_PORT, rows, service_env
+from tests.conftest import ADMIN_PASSWORD, MYSQL_HOST, MYSQL_PORT, rows, service_env
 from tests.faults.proxy import Proxy
 from tests.helpers import (
     Proc,
@@ -67,6 +67,9 @@ def test_a_database_outage_is_a_503_and_loses_nothing(
         assert status == 503, reply
         assert reply["error"] == "unavailable"
         assert request(port, "GET", "/api/tasks")[0] == 503
+        sign_in = {"username": "admin", "password": ADMIN_PASSWORD}
+        status, reply = request(port, "POST", "/admin/login", sign_in, token=None, timeout=20)
+        assert (status, reply["error"]) == (503, "unavailable"), reply
         status, health = request(port, "GET", "/healthz", token=None)
         assert (status, health["database"]) == (503, False)
         bystander.request_task()
@@ -83,6 +86,7 @@ def test_a_database_outage_is_a_503_and_loses_nothing(
     status, task = request(port, "GET", f"/api/tasks/{kept['id']}")
     assert status == 200 and task["config"]["keep"] == "me"  # committed before the outage, still there
     assert rows(db, "SELECT COUNT(*) FROM tasks") == [(1,)]  # nothing half-written during it
+    assert request(port, "POST", "/admin/login", sign_in, token=None)[0] == 200
     try:
         bystander.request_task()  # the same socket carries on
         assert bystander.next_task(timeout=20)["id"] == kept["id"]
