@@ -332,13 +332,23 @@ class Session:
             ):
                 log.info("%s: already working on it", assignment.label)
                 return
-            if key in self._finished:
-                result = self._finished[key]
-                if any(m is result for m in self._outbox):
+            finished = self._finished.get(key)
+            # Offered again after a failed try (say, the server went down mid-download and
+            # still holds the assignment, or gave the shard back to us): try again rather than
+            # repeat a failure that may no longer hold (unless --max-tasks is used up).
+            if finished is not None and finished.get("status") == "failed" and not self._limit_reached():
+                log.info("%s: offered again after a failed try; trying again", assignment.label)
+                del self._finished[key]
+                # the retry's result replaces the failure wherever it waits to be (re)sent
+                self._outbox = deque(m for m in self._outbox if m is not finished)
+                self._recent = deque((t, m) for t, m in self._recent if m is not finished)
+                self._resend = [m for m in self._resend if m is not finished]
+            elif finished is not None:
+                if any(m is finished for m in self._outbox):
                     log.info("%s: already finished; its result is about to be sent", assignment.label)
                 else:
                     log.info("%s: already finished; sending its result again", assignment.label)
-                    self._outbox.append(result)
+                    self._outbox.append(finished)
                 return
             self._requested = False
             if self._limit_reached():

@@ -261,6 +261,47 @@ def test_duplicate_of_a_finished_task_resends_its_result() -> None:
     assert len(h.calls) == 1
 
 
+def test_a_task_offered_again_after_a_failed_try_runs_again() -> None:
+    tries: list[int] = []
+
+    def flaky(assignment: Assignment, control: TaskControl) -> dict[str, Any]:
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("GET /api/tasks/7/rounds/3/model: [Errno 111] Connection refused")
+        return {"train_loss": 0.25, "num_examples": 10}
+
+    h = Harness(flaky)
+    h.connect()
+    h.flush()
+    h.session.handle(task())
+    first = [m for m in h.flush() if m["type"] == "task_result"]
+    assert first[0]["status"] == "failed"
+    h.session.handle(task())  # the server offers the same shard again
+    again = [m for m in h.flush() if m["type"] == "task_result"]
+    assert [m["status"] for m in again] == ["completed"] and len(h.calls) == 2
+    h.session.handle(task())  # and a completed one is only sent again
+    assert [m for m in h.flush() if m["type"] == "task_result"] == again
+    assert len(h.calls) == 2
+
+
+def test_a_failure_not_sent_yet_is_replaced_by_the_retry() -> None:
+    outcomes = [RuntimeError("connection refused"), {"train_loss": 0.25, "num_examples": 10}]
+
+    def flaky(assignment: Assignment, control: TaskControl) -> dict[str, Any]:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    h = Harness(flaky)
+    h.connect()
+    h.flush()
+    h.session.handle(task())  # fails while the connection is down: nothing is sent yet
+    h.session.handle(task())  # the server offers it again after the reconnect
+    results = [m for m in h.flush() if m["type"] == "task_result"]
+    assert [m["status"] for m in results] == ["completed"] and len(h.calls) == 2
+
+
 def test_another_round_of_the_same_task_runs() -> None:
     h = Harness()
     h.connect()
