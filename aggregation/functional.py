@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from .rounds import (
     _Memory,
     _new_plan,
     _run,
+    example_shares,
 )
 from .slicing import plan_slices
 from .spec import FUNCTIONAL_RULES, normalize_without_clients, shortfall
@@ -101,9 +101,8 @@ def aggregate(
         raise NotEnoughUpdates(reason)
     reuse = _reusable(out or {}, first, updates)
     if rule == "fedavg" and all(t.dtype in _FAST_DTYPES for t in first.values()):
-        raw = [1.0 if sparams.get("weighting") == "uniform" else float(c) for _, c in updates]
-        total = math.fsum(raw)
-        fast = _weighted_sum([sd for sd, _ in updates], [w / total for w in raw], reuse)
+        shares = example_shares([c for _, c in updates], sparams.get("weighting", "examples"))
+        fast = _weighted_sum([sd for sd, _ in updates], shares, reuse)
         if fast is not None:
             return fast
     plan = _new_plan(
@@ -164,7 +163,8 @@ def _weighted_sum(
 ) -> dict[str, torch.Tensor] | None:
     """``sum_k coefs[k] * models[k]`` per tensor, window by window (MEAN_WINDOW elements):
     the window of the result stays in cache while every update's window streams through it
-    once. None when a result is not finite (a NaN/Inf input, or an overflow)."""
+    once. None when a result is not finite (a NaN/Inf input, or an overflow). A
+    non-contiguous input is copied whole first (state dicts are contiguous in practice)."""
     out: dict[str, torch.Tensor] = {}
     for name, t0 in models[0].items():
         flats = [m[name].reshape(-1) for m in models]

@@ -325,6 +325,14 @@ def _refuse(plan: dict[str, Any], i: int, reason: str) -> None:
 # decisions (everything global, computed once per round from the reduced stats)
 
 
+def example_shares(examples: Sequence[int], weighting: str) -> list[float]:
+    """Each update's share of a mean: by its (clamped) example count, or equal shares when
+    ``weighting`` is ``"uniform"``; the shares sum to 1."""
+    raw = [1.0] * len(examples) if weighting == "uniform" else [float(e) for e in examples]
+    total = math.fsum(raw)
+    return [w / total for w in raw]
+
+
 def _decide(plan: dict[str, Any], gram: list[list[float]] | None) -> None:
     """Fill ``plan["decisions"]`` (phase apply) or fail the plan."""
     strategy: str = plan["strategy"]
@@ -358,14 +366,6 @@ def _decide(plan: dict[str, Any], gram: list[list[float]] | None) -> None:
     for i in ok:
         nrm = norms[i]
         scale[i] = 1.0 if clip is None or nrm is None or nrm <= clip else clip / nrm
-
-    def weights(members: Sequence[int]) -> list[float]:
-        if p.get("weighting", "examples") == "uniform":
-            raw = [1.0] * len(members)
-        else:
-            raw = [float(plan["updates"][i]["examples"]) for i in members]
-        total = math.fsum(raw)
-        return [w / total for w in raw]
 
     dec: dict[str, Any] = {
         "kind": "mean",
@@ -401,7 +401,8 @@ def _decide(plan: dict[str, Any], gram: list[list[float]] | None) -> None:
         dec["used"] = chosen
     used: list[int] = dec["used"]
     if strategy in MEAN_STRATEGIES or strategy in ("krum", "multi_krum"):
-        shares = weights(used)
+        examples = [plan["updates"][i]["examples"] for i in used]
+        shares = example_shares(examples, p.get("weighting", "examples"))
         dec["shares"] = shares
         dec["coefs"] = [a * scale[i] for a, i in zip(shares, used, strict=True)]
         dec["coef_sum"] = math.fsum(dec["coefs"])

@@ -66,12 +66,12 @@ def login() -> tuple[Response, int]:
         lambda s: create_admin_session(s, settings.ADMIN_USERNAME, settings.ADMIN_SESSION_TTL, utcnow())
     )
     log.info("event=admin_login state=ok user=%s remote=%s", settings.ADMIN_USERNAME, request.remote_addr)
-    body = {
+    reply = {
         "token": token,
         "username": settings.ADMIN_USERNAME,
         "expires_at": expires.isoformat(timespec="seconds") + "Z",
     }
-    return jsonify(body), 200
+    return jsonify(reply), 200
 
 
 @session_bp.post("/admin/logout")

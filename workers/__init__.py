@@ -6,6 +6,7 @@ Run with ``celery -A workers worker``, exactly one ``celery -A workers beat``, a
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -34,8 +35,6 @@ def _log_to_log_dir(loglevel: int | str | None = None, **_: Any) -> None:
 
     The root level is LOG_LEVEL or ``--loglevel``, whichever is more verbose: a worker started
     with ``--loglevel INFO`` still says ``ready.`` on its console when LOG_LEVEL is WARNING."""
-    import logging
-
     import config
 
     config.setup_logging(config.load())
