@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import client_identity, db, is_admin
 from app.errors import ApiError
-from store import blobs
+from store import blobs, updates
+from store.assignments import NotAssigned, UnknownTask
 from store.blobs import BlobStore, Header, InvalidModel, TooLarge
-from store.db import affected
-from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound
+from store.models import Task, TaskAssignment, TaskRound
 
 bp = Blueprint("models", __name__, url_prefix="/api")
 
@@ -103,62 +102,78 @@ def _drain() -> None:
         pass
 
 
+# What a refused upload gets: (HTTP status, error code); the message is the exception's.
+UPLOAD_REFUSALS: dict[type[Exception], tuple[int, str]] = {
+    UnknownTask: (404, "unknown_task"),  # UnknownRound too
+    updates.StaleRound: (409, "stale_round"),
+    NotAssigned: (409, "not_assigned"),
+}
+
+
+def _refused(error: Exception) -> ApiError:
+    for kind, (status, code) in UPLOAD_REFUSALS.items():
+        if isinstance(error, kind):
+            return ApiError(status, str(error), code)
+    raise error
+
+
 @bp.put("/tasks/<int:task_id>/rounds/<int:round_no>/updates/<int:rank>")
 def upload_update(task_id: int, round_no: int, rank: int) -> tuple[Response, int]:
+    """A client's update for its rank of a round: streamed, checked, then recorded (see the module doc)."""
     settings = current_app.config["SETTINGS"]
     request.max_content_length = settings.MAX_UPLOAD_SIZE
     client_id = client_identity()
     if client_id is None:
         raise ApiError(401, "send X-Client-Id and 'Authorization: Bearer <client token>'")
-    raw_examples = request.headers.get("X-Num-Examples", "")
-    if not raw_examples.isdigit() or not 1 <= int(raw_examples) <= 1_000_000_000:
-        raise ApiError(400, "X-Num-Examples must be an integer in 1..1000000000", "invalid_update")
-    num_examples = int(raw_examples)
+    num_examples = _num_examples()
     if (request.content_length or 0) > settings.MAX_UPLOAD_SIZE:
         raise ApiError(413, f"an update may be at most {settings.MAX_UPLOAD_SIZE} bytes", "too_large")
-
-    def check(s: Session) -> tuple[int, str | None, str]:
-        task = s.get(Task, task_id)
-        if task is None:
-            raise ApiError(404, f"no task {task_id}", "unknown_task")
-        rnd = s.execute(
-            select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
-        ).scalar_one_or_none()
-        if rnd is None:
-            raise ApiError(404, f"no round {round_no} of task {task_id}", "unknown_task")
-        if round_no != task.current_round or rnd.status != "training":
-            raise ApiError(
-                409, f"round {round_no} is over; the task is at round {task.current_round}", "stale_round"
-            )
-        held = s.execute(
-            select(TaskAssignment).where(
-                TaskAssignment.client_id == client_id,
-                TaskAssignment.task_id == task_id,
-                TaskAssignment.round == round_no,
-                TaskAssignment.rank == rank,
-                TaskAssignment.status.in_(OPEN_ASSIGNMENT),
-            )
-        ).scalar_one_or_none()
-        if held is None:
-            raise ApiError(
-                409, f"you do not hold rank {rank} of task {task_id} round {round_no}", "not_assigned"
-            )
-        return held.id, held.update_sha256, rnd.model_path
-
-    aid, existing, model_rel = db().run(check)
-    if existing is not None:
+    try:
+        to = db().run(lambda s: updates.target(s, client_id, task_id, round_no, rank))
+    except tuple(UPLOAD_REFUSALS) as error:
+        raise _refused(error) from None
+    if to.existing_sha256 is not None:
         _drain()
-        return jsonify({"status": "duplicate", "sha256": existing}), 200
+        return jsonify({"status": "duplicate", "sha256": to.existing_sha256}), 200
+    tmp, size, sha = _receive_checked(settings.MAX_UPLOAD_SIZE, to.model_rel, (task_id, round_no, rank))
+    blob_store = store()
+    rel = blobs.update_rel(task_id, round_no, rank, to.assignment_id).replace(
+        ".safetensors", f"-{sha[:12]}.safetensors"
+    )
+    blob_store.adopt(tmp, rel)
+    try:
+        recorded = db().run(lambda s: updates.record(s, to.assignment_id, rel, sha, num_examples))
+    except BaseException:
+        blob_store.remove(rel)
+        raise
+    if recorded.won:
+        current_app.logger.info("event=upload state=accepted task=%d round=%d rank=%d bytes=%d sha256=%s",
+                                task_id, round_no, rank, size, sha)  # fmt: skip
+        return jsonify({"status": "accepted", "sha256": sha}), 201
+    if recorded.current_sha256 != sha:
+        blob_store.remove(rel)
+    if recorded.current_sha256 is not None:
+        return jsonify({"status": "duplicate", "sha256": recorded.current_sha256}), 200
+    raise ApiError(409, f"you no longer hold rank {rank} of task {task_id} round {round_no}", "not_assigned")
 
+
+def _num_examples() -> int:
+    raw = request.headers.get("X-Num-Examples", "")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000_000:
+        raise ApiError(400, "X-Num-Examples must be an integer in 1..1000000000", "invalid_update")
+    return int(raw)
+
+
+def _receive_checked(max_bytes: int, model_rel: str, where: tuple[int, int, int]) -> tuple[Path, int, str]:
+    """Stream the body to a temporary file and check it against the round's global model.
+
+    Returns (temporary file, size, sha256); a refused body leaves no file behind.
+    """
     blob_store = store()
     try:
-        tmp, size, sha = blob_store.receive(
-            iter(lambda: request.stream.read(CHUNK), b""), settings.MAX_UPLOAD_SIZE
-        )
+        tmp, size, sha = blob_store.receive(iter(lambda: request.stream.read(CHUNK), b""), max_bytes)
     except TooLarge:
-        raise ApiError(
-            413, f"an update may be at most {settings.MAX_UPLOAD_SIZE} bytes", "too_large"
-        ) from None
+        raise ApiError(413, f"an update may be at most {max_bytes} bytes", "too_large") from None
     try:
         model_path = blob_store.path(model_rel)
         reference = reference_header(str(model_path), model_path.stat().st_mtime_ns)
@@ -166,42 +181,9 @@ def upload_update(task_id: int, round_no: int, rank: int) -> tuple[Response, int
     except InvalidModel as error:
         tmp.unlink(missing_ok=True)
         current_app.logger.info("event=upload state=refused task=%d round=%d rank=%d reason=%s",
-                                task_id, round_no, rank, error)  # fmt: skip
+                                *where, error)  # fmt: skip
         raise ApiError(400, str(error), "invalid_update") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    rel = blobs.update_rel(task_id, round_no, rank, aid).replace(".safetensors", f"-{sha[:12]}.safetensors")
-    blob_store.adopt(tmp, rel)
-
-    def record(s: Session) -> tuple[bool, Any]:
-        won = affected(
-            s.execute(
-                update(TaskAssignment)
-                .where(
-                    TaskAssignment.id == aid,
-                    TaskAssignment.status.in_(OPEN_ASSIGNMENT),
-                    TaskAssignment.checkpoint_path.is_(None),
-                )
-                .values(checkpoint_path=rel, update_sha256=sha, num_examples=num_examples)
-            )
-        )
-        current = s.execute(
-            select(TaskAssignment.update_sha256, TaskAssignment.status).where(TaskAssignment.id == aid)
-        ).first()
-        return won == 1, current
-
-    try:
-        won, current = db().run(record)
-    except BaseException:
-        blob_store.remove(rel)
-        raise
-    if won:
-        current_app.logger.info("event=upload state=accepted task=%d round=%d rank=%d bytes=%d sha256=%s",
-                                task_id, round_no, rank, size, sha)  # fmt: skip
-        return jsonify({"status": "accepted", "sha256": sha}), 201
-    if current is not None and current[0] != sha:
-        blob_store.remove(rel)
-    if current is not None and current[0] is not None:
-        return jsonify({"status": "duplicate", "sha256": current[0]}), 200
-    raise ApiError(409, f"you no longer hold rank {rank} of task {task_id} round {round_no}", "not_assigned")
+    return tmp, size, sha

@@ -1,8 +1,9 @@
 """Fixtures over the real services: MariaDB, Redis, a Celery worker, gunicorn, the embedded server.
 
 Tests create their own MariaDB database (``aifarm_test_<pid>``, from schema.sql) and use their
-own Redis db (13), flushed at the start and the end of the session. If MariaDB or Redis cannot
-be reached, every test that needs them errors out loudly: nothing is skipped.
+own Redis db (13, or TEST_REDIS_DB for a second run beside it), flushed at the start and the
+end of the session. If MariaDB or Redis cannot be reached, every test that needs them errors
+out loudly: nothing is skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.helpers import ADMIN, Proc, free_port, start_gunicorn, start_worker
 MYSQL_HOST = os.environ.get("TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("TEST_MYSQL_PORT", "3306"))
 REDIS_BASE = os.environ.get("TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB = 13
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "13"))  # another db lets two test runs share one Redis
 TABLES = ("task_assignments", "task_shards", "task_rounds", "tasks", "clients", "admin_tokens")
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -42,7 +43,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Job = dict[str, Any]  # JSON-able: what a round's aggregation needs, passed between jobs as a file
+
+class UpdateRow(TypedDict):
+    """An accepted update of the round, as the aggregation job carries it."""
+
+    assignment_id: int
+    client_id: str
+    rank: int
+    path: str
+    num_examples: int
+    metrics: dict[str, Any]
+
+
+class Job(TypedDict, total=False):
+    """What a round's aggregation needs; JSON-able, passed between jobs as a file."""
+
+    task_id: int
+    round: int
+    config: dict[str, Any]
+    rounds: int
+    model_path: str
+    state_path: str | None
+    round_started_at: str
+    updates: list[UpdateRow]
+    started: float  # time.time() when the aggregation began
+    step: int  # the phase of a sliced aggregation
+    run: dict[str, Any]  # the library's round arguments, as paths and numbers
+    plan: dict[str, Any]  # the library's plan of the round
+
+
+def locked_task_at(s: Session, task_id: int, round_no: int) -> Task | None:
+    """The task, locked, if it is still running (or paused) at ``round_no``; else None.
+
+    Every step that ends a round checks this first, so a late or duplicate job changes nothing.
+    """
+    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+        return None
+    return task
 
 
 def round_seed(config_: dict[str, Any], round_no: int) -> int:
@@ -93,8 +131,8 @@ def prepare(db: Database, blobs: BlobStore, task_id: int, settings: config.Setti
 
 
 def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timedelta) -> Job | None:
-    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+    task = locked_task_at(s, task_id, round_no)
+    if task is None:
         return None
     rnd = s.execute(
         select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
@@ -128,26 +166,26 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
     )
     if took != 1:
         return None  # another job is aggregating this round
-    return {
-        "task_id": task_id,
-        "round": round_no,
-        "config": dict(task.config or {}),
-        "rounds": int((task.config or {}).get("rounds", 1)),
-        "model_path": rnd.model_path,
-        "state_path": rnd.state_path,
-        "round_started_at": rnd.started_at.isoformat(),
-        "updates": [
-            {
-                "assignment_id": a.id,
-                "client_id": a.client_id,
-                "rank": a.rank,
-                "path": a.checkpoint_path,
-                "num_examples": a.num_examples or 0,
-                "metrics": a.metrics or {},
-            }
+    return Job(
+        task_id=task_id,
+        round=round_no,
+        config=dict(task.config or {}),
+        rounds=int((task.config or {}).get("rounds", 1)),
+        model_path=rnd.model_path,
+        state_path=rnd.state_path,
+        round_started_at=rnd.started_at.isoformat(),
+        updates=[
+            UpdateRow(
+                assignment_id=a.id,
+                client_id=a.client_id,
+                rank=a.rank,
+                path=a.checkpoint_path or "",
+                num_examples=a.num_examples or 0,
+                metrics=a.metrics or {},
+            )
             for _, a in sorted(latest.items())
         ],
-    }
+    )
 
 
 def start(
@@ -243,12 +281,23 @@ def load_job(blobs: BlobStore, rel: str) -> Job:
 # --- 3. complete ---
 
 
+@dataclass(frozen=True)
+class NextModel:
+    """The model a round produced, written to disk before any row points at it."""
+
+    model_rel: str
+    model_sha: str
+    state_rel: str | None
+    checkpoint: bool  # also linked as a checkpoint
+    final: bool  # the task's last round
+
+
 def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job, result: RoundResult) -> str:
     """Evaluate, write the next global model, and commit the round; returns what happened.
 
     ``noop`` (committed already), ``next_round``, ``completed`` or ``failed``.
     """
-    from training import evaluate, state_to_bytes
+    from training import evaluate
 
     task_id, round_no, cfg = job["task_id"], job["round"], job["config"]
     aggregation_s = time.time() - job["started"]
@@ -258,81 +307,13 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
     clock = time.perf_counter()
     evaluation = evaluate(result.params, cfg)
     evaluation_s = time.perf_counter() - clock
-    next_round = round_no + 1
-    model_rel = paths.global_model_rel(task_id, next_round)
-    model_sha = blobs.write(model_rel, state_to_bytes(result.params))
-    state_rel = None
-    if result.state:
-        state_rel = paths.state_rel(task_id, next_round)
-        blobs.write(state_rel, _state_bytes(result.state, cfg.get("strategy", "fedavg")))
-    weights = [max(1, int(u["num_examples"])) for u in job["updates"]]
-    losses = [u["metrics"].get("train_loss") for u in job["updates"]]
-    known = [(w, float(x)) for w, x in zip(weights, losses, strict=True) if isinstance(x, (int, float))]
+    made = _write_next_model(blobs, settings, job, result)
     now = utcnow()
-    metrics: dict[str, Any] = {
-        "round": round_no,
-        "clients": len({u["client_id"] for u in job["updates"]}),
-        "updates": len(job["updates"]),
-        "train_loss": sum(w * x for w, x in known) / sum(w for w, _ in known) if known else None,
-        "test_loss": evaluation["test_loss"],
-        "test_accuracy": evaluation["test_accuracy"],
-        "seconds": (now - datetime.fromisoformat(job["round_started_at"])).total_seconds(),
-        "aggregation_seconds": round(aggregation_s, 4),
-        "evaluation_seconds": round(evaluation_s, 4),
-        "slices": slices(job),
-        "report": result.report,
-    }
-    final = next_round >= job["rounds"]
-    checkpoint = final or (
-        settings.CHECKPOINT_FREQUENCY > 0 and next_round % settings.CHECKPOINT_FREQUENCY == 0
+    metrics = _round_metrics(
+        job, result, evaluation, now, aggregation_s=aggregation_s, evaluation_s=evaluation_s
     )
-    if checkpoint:
-        blobs.link(model_rel, paths.checkpoint_rel(task_id, next_round))
-
-    def commit(s: Session) -> str:
-        task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-        if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
-            return "noop"
-        won = affected(
-            s.execute(
-                update(TaskRound)
-                .where(
-                    TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training"
-                )
-                .values(status="done", metrics=metrics, finished_at=now)
-            )
-        )
-        if won != 1:
-            return "noop"
-        if checkpoint:
-            task.checkpoint_path = paths.checkpoint_rel(task_id, next_round)
-        task.updated_at = now
-        if final:
-            task.status = "completed"
-            task.status_reason = None
-            task.result = {
-                "rounds": _history(s, task_id),
-                "final": {"test_accuracy": evaluation["test_accuracy"], "test_loss": evaluation["test_loss"]},
-                "model_sha256": model_sha,
-            }
-            return "completed"
-        s.add(
-            TaskRound(
-                task_id=task_id,
-                round=next_round,
-                status="training",
-                model_path=model_rel,
-                model_sha256=model_sha,
-                state_path=state_rel,
-                started_at=now,
-            )
-        )
-        task.current_round = next_round
-        create_shards(s, task, next_round, now)
-        return "next_round"
-
     clock = time.perf_counter()
-    outcome = db.run(commit)
+    outcome = db.run(lambda s: _commit_round(s, job, made, metrics, now))
     commit_s = time.perf_counter() - clock
     if outcome != "noop" and round_no > 0:
         blobs.remove(paths.round_dir(task_id, round_no - 1))  # only checkpoints keep older models
@@ -343,6 +324,101 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
         evaluation["test_accuracy"], aggregation_s, evaluation_s, commit_s,
     )  # fmt: skip
     return outcome
+
+
+def _write_next_model(
+    blobs: BlobStore, settings: config.Settings, job: Job, result: RoundResult
+) -> NextModel:
+    from training import state_to_bytes
+
+    assert result.params is not None
+    task_id, cfg = job["task_id"], job["config"]
+    next_round = job["round"] + 1
+    model_rel = paths.global_model_rel(task_id, next_round)
+    model_sha = blobs.write(model_rel, state_to_bytes(result.params))
+    state_rel = None
+    if result.state:
+        state_rel = paths.state_rel(task_id, next_round)
+        blobs.write(state_rel, _state_bytes(result.state, cfg.get("strategy", "fedavg")))
+    final = next_round >= job["rounds"]
+    checkpoint = final or (
+        settings.CHECKPOINT_FREQUENCY > 0 and next_round % settings.CHECKPOINT_FREQUENCY == 0
+    )
+    if checkpoint:
+        blobs.link(model_rel, paths.checkpoint_rel(task_id, next_round))
+    return NextModel(model_rel, model_sha, state_rel, checkpoint, final)
+
+
+def _round_metrics(
+    job: Job,
+    result: RoundResult,
+    evaluation: dict[str, float],
+    now: datetime,
+    *,
+    aggregation_s: float,
+    evaluation_s: float,
+) -> dict[str, Any]:
+    updates = job["updates"]
+    weights = [max(1, int(u["num_examples"])) for u in updates]
+    losses = [u["metrics"].get("train_loss") for u in updates]
+    known = [(w, float(x)) for w, x in zip(weights, losses, strict=True) if isinstance(x, (int, float))]
+    return {
+        "round": job["round"],
+        "clients": len({u["client_id"] for u in updates}),
+        "updates": len(updates),
+        "train_loss": sum(w * x for w, x in known) / sum(w for w, _ in known) if known else None,
+        "test_loss": evaluation["test_loss"],
+        "test_accuracy": evaluation["test_accuracy"],
+        "seconds": (now - datetime.fromisoformat(job["round_started_at"])).total_seconds(),
+        "aggregation_seconds": round(aggregation_s, 4),
+        "evaluation_seconds": round(evaluation_s, 4),
+        "slices": slices(job),
+        "report": result.report,
+    }
+
+
+def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any], now: datetime) -> str:
+    """Close the round (compare-and-set on its status) and open the next, or complete the task."""
+    task_id, round_no = job["task_id"], job["round"]
+    task = locked_task_at(s, task_id, round_no)
+    if task is None:
+        return "noop"
+    won = affected(
+        s.execute(
+            update(TaskRound)
+            .where(TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training")
+            .values(status="done", metrics=metrics, finished_at=now)
+        )
+    )
+    if won != 1:
+        return "noop"
+    next_round = round_no + 1
+    if made.checkpoint:
+        task.checkpoint_path = paths.checkpoint_rel(task_id, next_round)
+    task.updated_at = now
+    if made.final:
+        task.status = "completed"
+        task.status_reason = None
+        task.result = {
+            "rounds": _history(s, task_id),
+            "final": {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]},
+            "model_sha256": made.model_sha,
+        }
+        return "completed"
+    s.add(
+        TaskRound(
+            task_id=task_id,
+            round=next_round,
+            status="training",
+            model_path=made.model_rel,
+            model_sha256=made.model_sha,
+            state_path=made.state_rel,
+            started_at=now,
+        )
+    )
+    task.current_round = next_round
+    create_shards(s, task, next_round, now)
+    return "next_round"
 
 
 def _state_bytes(state: dict[str, Any], strategy: str) -> bytes:
@@ -361,8 +437,8 @@ def _history(s: Session, task_id: int) -> list[dict[str, Any]]:
 
 
 def _fail(s: Session, task_id: int, round_no: int, reason: str, report: dict[str, Any]) -> str:
-    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+    task = locked_task_at(s, task_id, round_no)
+    if task is None:
         return "noop"
     s.execute(
         update(TaskRound)

@@ -24,7 +24,7 @@ client never depends on beat's safety net to be served.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -75,10 +75,9 @@ def claim(s: Session, client: Client, exclude_tasks: set[int], *, skip_locked: b
     return None
 
 
-def fill_client(
-    s: Session, client_id: str, now: datetime, *, max_tasks: int, skip_locked: bool
-) -> list[TaskAssignment]:
-    """Give a waiting client as much fitting work as it asked for and may hold.
+def fill_client(s: Session, client_id: str, now: datetime, *, max_tasks: int, skip_locked: bool) -> list[int]:
+    """Give a waiting client as much fitting work as it asked for and may hold; returns the
+    new assignment ids.
 
     The client row is locked first, so two schedulers serving the same client cannot both
     fill its last slot, nor give it two ranks of one task.
@@ -100,43 +99,21 @@ def fill_client(
         ).scalars()
     )
     slots = min(client.pending_requests, max_tasks - len(held))
-    created: list[TaskAssignment] = []
-    while len(created) < slots:
+    claimed: list[TaskShard] = []
+    while len(claimed) < slots:
         shard = claim(s, client, held, skip_locked=skip_locked)
         if shard is None:
             break
-        assignment = TaskAssignment(
-            task_id=shard.task_id,
-            client_id=client_id,
-            assigned_at=now,
-            updated_at=now,
-            status="assigned",
-            rank=shard.rank,
-            round=shard.round,
-            shard_id=shard.id,
-        )
-        s.add(assignment)
-        s.flush()
-        shard.assignment_id = assignment.id
-        shard.updated_at = now
         held.add(shard.task_id)
-        created.append(assignment)
-        # A plain read first: most claims find the task running already and take no task lock.
-        task_status = s.execute(select(Task.status).where(Task.id == shard.task_id)).scalar_one()
-        if task_status == "pending":
-            s.execute(
-                update(Task)
-                .where(Task.id == shard.task_id, Task.status == "pending")
-                .values(status="running", updated_at=now, status_reason=None)
-            )
-        if shard.rank == 0:
-            s.execute(update(Task).where(Task.id == shard.task_id).values(client_id=client_id))
-    if created:
-        client.pending_requests -= len(created)
-        if client.pending_requests <= 0:
-            client.pending_requests = 0
-            client.requested_at = None
-    return created
+        claimed.append(shard)
+    if not claimed:
+        return []
+    ids = write_assignments(s, [(client_id, shard) for shard in claimed], now)
+    client.pending_requests -= len(claimed)
+    if client.pending_requests <= 0:
+        client.pending_requests = 0
+        client.requested_at = None
+    return ids
 
 
 def fits(client: Any, shard: Any) -> bool:
@@ -175,6 +152,45 @@ SHARD_COLUMNS = (
 
 
 @dataclass
+class Matched:
+    """What :func:`match` decided: (client, shard) pairs, and the clients that got nothing."""
+
+    pairs: list[tuple[Any, Any]] = field(default_factory=list)
+    unserved: list[str] = field(default_factory=list)  # had free slots and fit no shard given
+
+
+def match(
+    clients: Sequence[Any], shards: Sequence[Any], held: dict[str, set[int]], max_tasks: int
+) -> Matched:
+    """Pair waiting clients with queued shards; pure (no database), rows or plain objects in.
+
+    Clients are served in the order given (longest waiting first), each with the first
+    shards (priority order) that fit its hardware and task types, at most one rank of a task
+    per client, and no more than it asked for (``pending_requests``) and may hold
+    (``max_tasks`` minus what it ``held``). ``held`` maps a client id to the task ids it
+    holds; it is not modified.
+    """
+    matched = Matched()
+    taken: set[int] = set()
+    for client in clients:
+        holding = set(held.get(client.id, ()))
+        slots = min(client.pending_requests, max_tasks - len(holding))
+        got = 0
+        for shard in shards:
+            if got >= slots:
+                break
+            if shard.id in taken or shard.task_id in holding or not fits(client, shard):
+                continue
+            taken.add(shard.id)
+            holding.add(shard.task_id)
+            matched.pairs.append((client, shard))
+            got += 1
+        if got == 0 and slots > 0:
+            matched.unserved.append(client.id)
+    return matched
+
+
+@dataclass
 class Served:
     assignments: list[tuple[str, int]] = field(default_factory=list)  # (client id, assignment id)
     starved: list[str] = field(default_factory=list)  # fit nothing in the window; more shards wait
@@ -185,8 +201,8 @@ class Served:
 def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_locked: bool) -> Served:
     """Serve up to ``batch`` waiting clients in one transaction (see the module doc).
 
-    Reads plain rows (no ORM objects) and writes in bulk: one INSERT for the assignments, one
-    executemany UPDATE each for the shards and the clients.
+    Reads plain rows (no ORM objects), matches them with :func:`match`, and writes in bulk:
+    one INSERT for the assignments, one executemany UPDATE each for the shards and the clients.
     """
     served = Served()
     waiting = (
@@ -223,28 +239,21 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
     if skip_locked and not served.skipped:
         served.skipped = _skipped(s, queued, shards)
-    window_full = len(shards) == window
-    taken: set[int] = set()
-    matches: list[tuple[Any, Any]] = []
-    client_updates: list[dict[str, Any]] = []
+    matched = match(clients, shards, held, max_tasks)
+    if len(shards) == window:
+        served.starved = matched.unserved
+    pairs = matched.pairs
+    if not skip_locked:  # no row locks: another scheduler may have taken a shard first
+        pairs = [(client, shard) for client, shard in pairs if _compare_and_set(s, shard.id, now)]
+        served.skipped = len(pairs) < len(matched.pairs)  # lost some: the caller looks again
+    if not pairs:
+        return served
+    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now)
+    got = Counter(client.id for client, _ in pairs)
+    client_updates = []
     for client in clients:
-        slots = min(client.pending_requests, max_tasks - len(held[client.id]))
-        got = 0
-        for shard in shards:
-            if got >= slots:
-                break
-            if shard.id in taken or shard.task_id in held[client.id] or not fits(client, shard):
-                continue
-            taken.add(shard.id)
-            if not skip_locked and not _compare_and_set(s, shard.id, now):
-                continue  # another scheduler got it first (only possible without the row locks)
-            held[client.id].add(shard.task_id)
-            matches.append((client, shard))
-            got += 1
-        if got == 0 and slots > 0 and window_full:
-            served.starved.append(client.id)
-        if got:
-            left = max(0, client.pending_requests - got)
+        if got[client.id]:
+            left = max(0, client.pending_requests - got[client.id])
             client_updates.append(
                 {
                     "id": client.id,
@@ -252,43 +261,60 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
                     "requested_at": client.requested_at if left else None,
                 }
             )
-    if not matches:
-        return served
-    ids = s.scalars(
-        insert(TaskAssignment).returning(TaskAssignment.id, sort_by_parameter_order=True),
-        [
-            {
-                "task_id": shard.task_id,
-                "client_id": client.id,
-                "assigned_at": now,
-                "updated_at": now,
-                "status": "assigned",
-                "rank": shard.rank,
-                "round": shard.round,
-                "shard_id": shard.id,
-            }
-            for client, shard in matches
-        ],
-    ).all()
+    s.execute(update(Client), client_updates)
+    served.assignments = [(client.id, aid) for (client, _), aid in zip(pairs, ids, strict=True)]
+    return served
+
+
+def write_assignments(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) -> list[int]:
+    """Record (client id, shard) pairs as assignments: one INSERT, the shards marked assigned,
+    and their tasks started. Returns the assignment ids in the order of ``pairs``."""
+    ids = list(
+        s.scalars(
+            insert(TaskAssignment).returning(TaskAssignment.id, sort_by_parameter_order=True),
+            [
+                {
+                    "task_id": shard.task_id,
+                    "client_id": client_id,
+                    "assigned_at": now,
+                    "updated_at": now,
+                    "status": "assigned",
+                    "rank": shard.rank,
+                    "round": shard.round,
+                    "shard_id": shard.id,
+                }
+                for client_id, shard in pairs
+            ],
+        ).all()
+    )
     s.execute(
         update(TaskShard),
         [
             {"id": shard.id, "status": "assigned", "assignment_id": aid, "updated_at": now}
-            for (_, shard), aid in zip(matches, ids, strict=True)
+            for (_, shard), aid in zip(pairs, ids, strict=True)
         ],
     )
-    s.execute(update(Client), client_updates)
-    started = sorted({shard.task_id for _, shard in matches})
+    _start_tasks(s, pairs, now)
+    return ids
+
+
+def _start_tasks(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) -> None:
+    """A task whose first shard went out is running; rank 0's holder is its ``client_id``."""
+    started = sorted({shard.task_id for _, shard in pairs})
     s.execute(
         update(Task)
         .where(Task.id.in_(started), Task.status == "pending")
         .values(status="running", updated_at=now, status_reason=None)
+        .execution_options(synchronize_session=False)
     )
-    for client, shard in matches:
+    for client_id, shard in pairs:
         if shard.rank == 0:
-            s.execute(update(Task).where(Task.id == shard.task_id).values(client_id=client.id))
-    served.assignments = [(client.id, aid) for (client, _), aid in zip(matches, ids, strict=True)]
-    return served
+            s.execute(
+                update(Task)
+                .where(Task.id == shard.task_id)
+                .values(client_id=client_id)
+                .execution_options(synchronize_session=False)
+            )
 
 
 def _skipped(s: Session, query: Select[*tuple[Any, ...]], locked: Sequence[Any]) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,6 +22,9 @@ from store.bus import SCHEDULE_PENDING, get_bus
 from store.db import Unavailable, get_db
 from store.models import FEDERATED, Task, utcnow
 from workers import celery, lifecycle, scheduling
+
+if TYPE_CHECKING:
+    from workers.federated import Job
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,9 @@ def serve_waiting() -> int:
         for cid in served.starved:  # fit nothing in the window: the per-client claim looks deeper
 
             def fill(s: Session, cid: str = cid) -> list[int]:
-                made = scheduling.fill_client(
+                return scheduling.fill_client(
                     s, cid, utcnow(), max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
                 )
-                return [a.id for a in made]
 
             if db.run(fill):
                 assigned += 1
@@ -168,7 +170,7 @@ def _fan_out(job_rel: str) -> None:
     chord(header)(finish_sliced_round.s(job_rel))
 
 
-def _completed(outcome: str, job: dict[str, Any]) -> str:
+def _completed(outcome: str, job: Job) -> str:
     log.info("task=aggregate_round id=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
     if outcome in ("next_round", "failed"):
         serve_waiting()  # the next round's shards are queued: hand them out now
@@ -197,7 +199,7 @@ def finish_sliced_round(self: Any, parts: list[dict[str, Any]], job_rel: str) ->
     job = federated.load_job(store, job_rel)
     plan = aggregation.advance_round(job["plan"], parts)
     if plan["phase"] in ("stats", "apply"):
-        job.update(plan=plan, step=job["step"] + 1)
+        job["plan"], job["step"] = plan, job["step"] + 1
         _fan_out(federated.save_job(store, job))
         return "sliced"
     last = [str(store.path(federated.slice_rel(job, k))) for k in range(federated.slices(job))]
