@@ -99,6 +99,13 @@ class Settings:
     AGGREGATION_SLICE_BYTES: int = 256 << 20  # models larger than this aggregate in parallel slices
     AGGREGATION_LEASE: int = 900  # seconds before a stalled aggregation of a round may be retaken
 
+    # --- Deadlines (an assignment not finished by then is timed out and its shard reissued) ---
+    DEADLINE_DEFAULT: float = 3600.0  # seconds, for a task that is not federated and gives no deadline_s
+    DEADLINE_MIN: float = 60.0  # floor of a federated assignment's derived deadline
+    DEADLINE_MAX: float = 6 * 3600.0  # ceiling of a federated assignment's derived deadline
+    DEADLINE_RATE: float = 50.0  # training examples/s assumed of a client not measured yet
+    DEADLINE_SLACK: float = 4.0  # a derived deadline allows this many times the expected time
+
     LOG_LEVEL: str = "INFO"
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

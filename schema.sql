@@ -35,8 +35,9 @@ CREATE TABLE task_assignments (
     task_id INT NOT NULL,
     client_id VARCHAR(255) NOT NULL,
     assigned_at DATETIME NOT NULL,
-    -- additive value: released (the client went away or was disabled; not the shard's fault)
-    status ENUM('assigned', 'training', 'completed', 'failed', 'released') NOT NULL,
+    -- additive values: released (the client went away or was disabled; not the shard's fault),
+    -- timed_out (past deadline_at; the shard was reissued, a late result may still win)
+    status ENUM('assigned', 'training', 'completed', 'failed', 'released', 'timed_out') NOT NULL,
     `rank` INT NOT NULL,
     -- for federated rounds: the client's uploaded update
     checkpoint_path VARCHAR(255),
@@ -49,9 +50,11 @@ CREATE TABLE task_assignments (
     error TEXT,
     update_sha256 VARCHAR(64),
     num_examples INT,
+    deadline_at DATETIME(6),  -- fixed when handed out, the sweep times the assignment out after it
     FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE,
     INDEX ix_assignments_client_status (client_id, status),
-    INDEX ix_assignments_task_round (task_id, `round`, `rank`)
+    INDEX ix_assignments_task_round (task_id, `round`, `rank`),
+    INDEX ix_assignments_deadline (status, deadline_at)
 );
 
 CREATE TABLE clients (
@@ -74,6 +77,14 @@ CREATE TABLE clients (
     conn_id VARCHAR(64),
     pending_requests INT NOT NULL DEFAULT 0,
     requested_at DATETIME(6),
+    -- reliability: what became of its work, and how much it may hold at once
+    valid_results INT NOT NULL DEFAULT 0,
+    error_results INT NOT NULL DEFAULT 0,
+    timeouts INT NOT NULL DEFAULT 0,
+    refused_updates INT NOT NULL DEFAULT 0,
+    turnaround_s DOUBLE NOT NULL DEFAULT 0,  -- summed over valid results
+    throughput DOUBLE,  -- training examples per second, measured on federated rounds
+    task_quota INT,  -- open assignments it may hold (NULL: MAX_TASKS_PER_CLIENT)
     UNIQUE INDEX ix_clients_conn (conn_id),
     INDEX ix_clients_status_seen (status, last_seen),
     INDEX ix_clients_waiting (pending_requests, requested_at)
@@ -118,6 +129,8 @@ CREATE TABLE task_rounds (
     started_at DATETIME(6) NOT NULL,
     finished_at DATETIME(6),
     aggregating_since DATETIME(6),  -- a lease: an aggregation of this round began then
+    deadline_at DATETIME(6),  -- round_timeout_s: then the round closes on a quorum, or retries
+    retries INT NOT NULL DEFAULT 0,  -- round timeouts that reissued missing ranks
     CONSTRAINT uq_task_rounds_task_round UNIQUE (task_id, `round`),
     FOREIGN KEY (task_id) REFERENCES tasks(id) ON DELETE CASCADE
 );

@@ -44,7 +44,7 @@ def init_db(settings: config.Settings) -> None:
                 if schema.table_of(statement) not in existing:
                     conn.exec_driver_sql(statement)
         for name in db.add_missing_columns():
-            print(f"added column {name}")
+            print(f"added {name}")
     else:
         db.create_all()
     print(f"database ready: {db.engine.url.render_as_string(hide_password=True)}")

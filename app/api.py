@@ -13,6 +13,7 @@ from app import jobs, validation
 from app.auth import admin_required, db
 from app.errors import ApiError
 from store import clients as client_store
+from store import reliability
 from store import tasks as task_store
 from store.db import Unavailable
 from store.models import OPEN_ASSIGNMENT, Client, Task, TaskAssignment, TaskRound, utcnow
@@ -54,6 +55,7 @@ def assignment_json(a: TaskAssignment) -> dict[str, Any]:
         "progress": a.progress,
         "metrics": a.metrics,
         "error": a.error,
+        "deadline_at": iso(a.deadline_at),
         "assigned_at": iso(a.assigned_at),
         "updated_at": iso(a.updated_at),
     }
@@ -73,6 +75,7 @@ def client_json(c: Client) -> dict[str, Any]:
         "pending_requests": c.pending_requests,
         "last_seen": iso(c.last_seen),
         "created_at": iso(c.created_at),
+        "reliability": reliability.summary(c, current_app.config["SETTINGS"].MAX_TASKS_PER_CLIENT),
     }
 
 

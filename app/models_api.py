@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from app.auth import client_identity, db, is_admin
 from app.errors import ApiError
-from store import blobs, updates
-from store.assignments import NotAssigned, UnknownTask
+from store import blobs, reliability, updates
+from store.assignments import NotAssigned, Superseded, UnknownTask
 from store.blobs import BlobStore, Header, InvalidModel, TooLarge
 from store.models import Task, TaskAssignment, TaskRound
 
@@ -107,6 +107,7 @@ UPLOAD_REFUSALS: dict[type[Exception], tuple[int, str]] = {
     UnknownTask: (404, "unknown_task"),  # UnknownRound too
     updates.StaleRound: (409, "stale_round"),
     NotAssigned: (409, "not_assigned"),
+    Superseded: (409, "superseded"),  # another copy of the shard was accepted first
 }
 
 
@@ -135,7 +136,14 @@ def upload_update(task_id: int, round_no: int, rank: int) -> tuple[Response, int
     if to.existing_sha256 is not None:
         _drain()
         return jsonify({"status": "duplicate", "sha256": to.existing_sha256}), 200
-    tmp, size, sha = _receive_checked(settings.MAX_UPLOAD_SIZE, to.model_rel, (task_id, round_no, rank))
+    try:
+        tmp, size, sha = _receive_checked(settings.MAX_UPLOAD_SIZE, to.model_rel, (task_id, round_no, rank))
+    except ApiError as error:
+        if error.code == "invalid_update":  # counts against the client's reliability
+            db().run(
+                lambda s: reliability.note(s, client_id, "refused", max_tasks=settings.MAX_TASKS_PER_CLIENT)
+            )
+        raise
     blob_store = store()
     rel = blobs.update_rel(task_id, round_no, rank, to.assignment_id).replace(
         ".safetensors", f"-{sha[:12]}.safetensors"

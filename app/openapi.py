@@ -59,6 +59,8 @@ CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
 STRING = {"type": "string"}
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
+SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": spec.MAX_DEADLINE_S}
+
 AUTH_ERRORS = {"401": _error("missing or invalid token"), "429": _error("rate limited")}
 
 
@@ -118,6 +120,16 @@ def document() -> dict[str, Any]:
                 "seed": {"type": "integer", "minimum": 0},
                 "strategy": {"type": "string"},
                 "strategy_params": {"type": "object"},
+                "deadline_s": {**SECONDS, "description": "an assignment's deadline; default derived"},
+                "round_timeout_s": {**SECONDS, "description": "then a round closes on its quorum or retries"},
+                "min_fit_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+                "min_fit_clients": {"type": "integer", "minimum": 1, "default": 1},
+                "max_round_retries": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": spec.MAX_ROUND_RETRIES,
+                    "default": 2,
+                },
             },
         },
         "Task": {
@@ -150,6 +162,7 @@ def document() -> dict[str, Any]:
                 "status": {"enum": list(ASSIGNMENT_STATUSES)},
                 "progress": {"type": ["number", "null"]},
                 "metrics": {"type": ["object", "null"]},
+                "deadline_at": {"type": ["string", "null"], "format": "date-time"},
             },
         },
         "Client": {
@@ -163,6 +176,19 @@ def document() -> dict[str, Any]:
                 "ram_info": {"type": "object"},
                 "gpu_info": {"type": ["array", "null"]},
                 "last_seen": {"type": "string", "format": "date-time"},
+                "reliability": {
+                    "type": "object",
+                    "properties": {
+                        "valid_results": {"type": "integer"},
+                        "error_results": {"type": "integer"},
+                        "timeouts": {"type": "integer"},
+                        "refused_updates": {"type": "integer"},
+                        "mean_turnaround_s": {"type": ["number", "null"]},
+                        "throughput": {"type": ["number", "null"], "description": "examples/s"},
+                        "score": {"type": "number", "description": "(valid + 1) / (finished + 2)"},
+                        "task_quota": {"type": "integer", "description": "open assignments it may hold now"},
+                    },
+                },
             },
         },
     }

@@ -14,7 +14,7 @@ from flask import request
 import config
 from app.errors import ApiError
 from store.models import CLIENT_STATUSES, FEDERATED, TASK_STATUSES
-from training.spec import SpecError, normalize_federated_config
+from training.spec import SpecError, normalize_federated_config, optional_seconds
 
 # name -> (JSON type, minimum, maximum)
 REQUIREMENT_FIELDS: dict[str, tuple[str, float, float]] = {
@@ -97,6 +97,10 @@ def new_task(body: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
     else:
         task_config = dict(raw_config)
         task_config.setdefault("num_shards", 1)
+        try:
+            optional_seconds(task_config, "deadline_s")
+        except SpecError as error:
+            raise ApiError(400, str(error)) from None
     shards = task_config["num_shards"]
     if not _number(shards, "integer") or not 1 <= shards <= MAX_SHARDS:
         raise ApiError(400, f"config.num_shards must be an integer in 1..{MAX_SHARDS}")

@@ -22,7 +22,7 @@ from app import jobs, protocol
 from app.hub import Hub
 from app.protocol import ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
 from store import assignments, clients
-from store.assignments import NotAssigned, UnknownTask, UploadRequired
+from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Database, Unavailable
 from store.models import FEDERATED, utcnow
 
@@ -217,13 +217,15 @@ class Connection:
                     return aid
         client_id = self.client_id
         assert client_id is not None
-        try:  # not delivered through this connection: ask the database
+        try:  # not delivered through this connection (or timed out since): ask the database
             return self.db.run(lambda s: assignments.find_open(s, client_id, task_id, round_no).id)
         except UnknownTask:
             raise ProtocolError("unknown_task", f"no task {task_id}") from None
         except NotAssigned:
             which = f"task {task_id}" + (f" round {round_no}" if round_no is not None else "")
             raise ProtocolError("not_assigned", f"you do not hold {which}") from None
+        except Superseded as error:
+            raise ProtocolError("superseded", f"{error}; nothing was recorded") from None
 
     def _task_progress(self, msg: TaskProgress) -> None:
         aid = self._find(msg.task_id, msg.round)
@@ -246,6 +248,7 @@ class Connection:
                     msg.error,
                     utcnow(),
                     max_attempts=self.settings.MAX_SHARD_ATTEMPTS,
+                    max_tasks=self.settings.MAX_TASKS_PER_CLIENT,
                 )
             )
         except UnknownTask:
@@ -256,6 +259,10 @@ class Connection:
             raise ProtocolError(
                 "upload_required", "upload the round's update (PUT update_url) before reporting completed"
             ) from None
+        except Superseded as error:
+            raise ProtocolError("superseded", f"{error}; nothing was recorded") from None
+        except TimedOut as error:
+            raise ProtocolError("timed_out", f"{error}; nothing was recorded") from None
         with self._lock:
             self._finished.add(assignment.id)
             self._held.pop(assignment.id, None)

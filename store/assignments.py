@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from store import reliability
 from store.db import affected
-from store.models import FEDERATED, OPEN_ASSIGNMENT, Task, TaskAssignment, TaskShard
+from store.models import FEDERATED, OPEN_ASSIGNMENT, TIMED_OUT, Task, TaskAssignment, TaskShard
 
 
 class NotAssigned(Exception):
@@ -29,6 +30,14 @@ class UnknownTask(Exception):
 
 class UploadRequired(Exception):
     """A federated round reported completed before its update was uploaded."""
+
+
+class Superseded(Exception):
+    """Another copy of the shard (reissued after a timeout, or the late original) was accepted."""
+
+
+class TimedOut(Exception):
+    """The assignment timed out and a late report of it would change nothing (a failure)."""
 
 
 def requeue_status(task_status: str | None) -> str:
@@ -50,10 +59,12 @@ def end_assignment(
     error: str | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> TaskShard | None:
-    """Move an open assignment to ``status`` (completed, failed or released) and settle its shard.
+    """Move an open assignment to ``status`` (completed, failed, released or timed_out) and
+    settle its shard.
 
     Returns the shard when this call ended the assignment, None when it was no longer open.
-    ``failed`` counts an attempt against the shard; ``released`` (the client went away) does not.
+    ``failed`` and ``timed_out`` count an attempt against the shard; ``released`` (the client
+    went away) does not.
     """
     values: dict[str, Any] = {"status": status, "updated_at": now}
     if error is not None:
@@ -81,7 +92,7 @@ def end_assignment(
         return shard
     shard.assignment_id = None
     task_status = s.execute(select(Task.status).where(Task.id == shard.task_id)).scalar_one_or_none()
-    if status == "failed":
+    if status in ("failed", TIMED_OUT):
         shard.attempts += 1
         shard.status = "failed" if shard.attempts >= max_attempts else requeue_status(task_status)
     else:
@@ -173,20 +184,88 @@ def open_for_clients(
 
 
 def find_open(s: Session, client_id: str, task_id: int, round_no: int | None) -> TaskAssignment:
-    """The client's open assignment of a task (and round), or why there is none."""
+    """The assignment a client's report of a task (and round) refers to, or why there is none.
+
+    That is its open assignment, or one that timed out while its shard is still unsettled (a
+    late result may still win). Raises Superseded when another copy's result was accepted,
+    UnknownTask or NotAssigned.
+    """
     query = select(TaskAssignment).where(
-        TaskAssignment.client_id == client_id,
-        TaskAssignment.task_id == task_id,
-        TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+        TaskAssignment.client_id == client_id, TaskAssignment.task_id == task_id
     )
     if round_no is not None:
         query = query.where(TaskAssignment.round == round_no)
-    found = s.execute(query.order_by(TaskAssignment.id.desc()).limit(1)).scalar_one_or_none()
-    if found is not None:
-        return found
+    latest = s.execute(query.order_by(TaskAssignment.id.desc()).limit(1)).scalar_one_or_none()
+    if latest is not None and latest.status in OPEN_ASSIGNMENT:
+        return latest
+    if latest is not None and latest.status in (TIMED_OUT, "released"):
+        shard = s.get(TaskShard, latest.shard_id)
+        if shard is not None and shard.status == "done" and shard.assignment_id != latest.id:
+            raise Superseded(f"another client's result for rank {latest.rank} of task {task_id} was accepted")
+        if (
+            latest.status == TIMED_OUT
+            and shard is not None
+            and shard.status in ("queued", "assigned", "paused")
+        ):
+            return latest
     if s.get(Task, task_id) is None:
         raise UnknownTask(task_id)
     raise NotAssigned(task_id)
+
+
+def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[str, Any]) -> TaskShard:
+    """First valid result wins: a timed-out assignment's result, when its shard is still
+    unsettled, completes the shard; the reissued copy (if any) is released and told to stop."""
+    shard = s.execute(select(TaskShard).where(TaskShard.id == late.shard_id).with_for_update()).scalar_one()
+    if shard.status not in ("queued", "assigned", "paused"):
+        raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
+    if shard.assignment_id is not None and shard.assignment_id != late.id:
+        s.execute(
+            update(TaskAssignment)
+            .where(TaskAssignment.id == shard.assignment_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
+            .values(
+                status="released",
+                updated_at=now,
+                error=f"superseded by the late result of assignment {late.id}",
+            )
+            .execution_options(synchronize_session=False)
+        )
+    won = affected(
+        s.execute(
+            update(TaskAssignment)
+            .where(TaskAssignment.id == late.id, TaskAssignment.status == TIMED_OUT)
+            .values(status="completed", updated_at=now, progress=100.0, metrics=metrics or late.metrics)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if won != 1:
+        raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
+    shard.status = "done"
+    shard.assignment_id = late.id
+    shard.updated_at = now
+    return shard
+
+
+def expire_deadlines(
+    s: Session, now: datetime, *, limit: int, max_attempts: int, max_tasks: int
+) -> list[tuple[str, int]]:
+    """The deadline sweep: open assignments past ``deadline_at`` are timed out and their shards
+    reissued (or failed, out of attempts). Returns (client id, task id) per assignment timed out."""
+    overdue = s.execute(
+        select(
+            TaskAssignment.id, TaskAssignment.client_id, TaskAssignment.task_id, TaskAssignment.deadline_at
+        )
+        .where(TaskAssignment.status.in_(OPEN_ASSIGNMENT), TaskAssignment.deadline_at < now)
+        .order_by(TaskAssignment.deadline_at)
+        .limit(limit)
+    ).all()
+    ended = []
+    for aid, client_id, task_id, deadline in overdue:
+        why = f"no result by the deadline ({deadline:%Y-%m-%dT%H:%M:%S}Z); reissued"
+        if end_assignment(s, aid, TIMED_OUT, now, max_attempts=max_attempts, error=why) is not None:
+            reliability.note(s, client_id, "timeout", max_tasks=max_tasks)
+            ended.append((client_id, task_id))
+    return ended
 
 
 def record_progress(s: Session, updates: Sequence[tuple[int, float, dict[str, Any]]], now: datetime) -> None:
@@ -211,19 +290,37 @@ def finish(
     now: datetime,
     *,
     max_attempts: int,
+    max_tasks: int = 3,
 ) -> tuple[TaskAssignment, TaskShard | None]:
-    """Record a client's ``task_result``. Raises NotAssigned, UnknownTask or UploadRequired.
+    """Record a client's ``task_result``. Raises NotAssigned, UnknownTask, UploadRequired,
+    Superseded or TimedOut.
 
-    A federated round counts as completed only once its update was uploaded.
+    A federated round counts as completed only once its update was uploaded. A late result
+    (the assignment timed out) is accepted when its shard is still unsettled.
     """
     a = find_open(s, client_id, task_id, round_no)
-    if status == "completed" and a.checkpoint_path is None:
-        task_type = s.execute(select(Task.type).where(Task.id == task_id)).scalar_one()
-        if task_type == FEDERATED:
-            raise UploadRequired(task_id)
-    shard = end_assignment(
-        s, a.id, status, now, max_attempts=max_attempts, error=error, metrics=metrics or a.metrics
-    )
-    if status == "completed":
-        s.execute(update(TaskAssignment).where(TaskAssignment.id == a.id).values(progress=100.0))
+    task = s.execute(select(Task.type, Task.config).where(Task.id == task_id)).one()
+    if status == "completed" and a.checkpoint_path is None and task.type == FEDERATED:
+        raise UploadRequired(task_id)
+    if a.status == TIMED_OUT:
+        if status != "completed":
+            raise TimedOut(f"your assignment of task {task_id} timed out and was reissued")
+        shard: TaskShard | None = accept_late(s, a, now, metrics)
+    else:
+        shard = end_assignment(
+            s, a.id, status, now, max_attempts=max_attempts, error=error, metrics=metrics or a.metrics
+        )
+        if status == "completed":
+            s.execute(update(TaskAssignment).where(TaskAssignment.id == a.id).values(progress=100.0))
+    if shard is not None:
+        turnaround = (now - a.assigned_at).total_seconds()
+        if status == "completed":
+            rate = None
+            if task.type == FEDERATED and a.num_examples and turnaround > 0:
+                rate = a.num_examples * int((task.config or {}).get("local_epochs", 1)) / turnaround
+            reliability.note(
+                s, client_id, "valid", max_tasks=max_tasks, turnaround_s=turnaround, examples_per_s=rate
+            )
+        else:
+            reliability.note(s, client_id, "error", max_tasks=max_tasks)
     return a, shard

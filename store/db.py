@@ -139,10 +139,12 @@ class Database:
         self.add_missing_columns()
 
     def add_missing_columns(self) -> list[str]:
-        """Add the columns the models have and an existing table lacks: schema.sql grows by
-        nullable (additive) columns, and a database made by an older version gets them here.
-        Returns the ``table.column`` names added. A missing NOT NULL column is an error (it
-        needs a value for the existing rows: migrate by hand)."""
+        """Bring a database made by an older version up to the models, additively: add the
+        columns an existing table lacks (nullable, or NOT NULL with a default), the indexes
+        it lacks, and, on MySQL, the enum values added at the end of an enum. Returns what
+        was added (``column t.c``, ``index t.i``, ``enum values t.c``). A missing NOT
+        NULL column without a default is an error (its rows need a value: migrate by hand);
+        on SQLite an enum cannot widen (its CHECK constraint is part of the table)."""
         inspector = inspect(self.engine)
         tables = set(inspector.get_table_names())
         added: list[str] = []
@@ -150,17 +152,27 @@ class Database:
             for table in Base.metadata.sorted_tables:
                 if table.name not in tables:
                     continue
-                present = {c["name"] for c in inspector.get_columns(table.name)}
+                present = {c["name"]: c for c in inspector.get_columns(table.name)}
                 for column in table.columns:
                     if column.name in present:
+                        if self.is_mysql and _enum_widened(column, present[column.name]):
+                            ddl = CreateColumn(column).compile(dialect=self.engine.dialect)
+                            conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY COLUMN {ddl}")
+                            added.append(f"enum values {table.name}.{column.name}")
                         continue
-                    if not column.nullable:
+                    if not column.nullable and column.server_default is None:
                         missing = f"{table.name}.{column.name}"
                         raise RuntimeError(f"{missing} is missing and NOT NULL: migrate by hand")
                     ddl = CreateColumn(column).compile(dialect=self.engine.dialect)
                     conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
-                    log.warning("event=schema_upgrade added=%s.%s", table.name, column.name)
-                    added.append(f"{table.name}.{column.name}")
+                    added.append(f"column {table.name}.{column.name}")
+                indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+                for index in table.indexes:
+                    if index.name not in indexes:
+                        index.create(conn)
+                        added.append(f"index {table.name}.{index.name}")
+        for name in added:
+            log.warning("event=schema_upgrade added=%s", name.replace(" ", ":"))
         return added
 
     def ping(self) -> bool:
@@ -205,3 +217,12 @@ def set_db(db: Database | None) -> None:
     """Install the process's database (the app factory and tests do this)."""
     global _db
     _db = db
+
+
+def _enum_widened(column: Any, present: Any) -> bool:
+    """The model's enum has values (added at its end) that the database's column lacks."""
+    wanted = getattr(column.type, "enums", None)
+    have = getattr(present["type"], "enums", None)
+    return bool(
+        wanted and have is not None and list(wanted[: len(have)]) == list(have) and len(wanted) > len(have)
+    )

@@ -29,12 +29,13 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TASK_STATUSES = ("pending", "running", "completed", "failed", "error", "paused", "stopped")
-ASSIGNMENT_STATUSES = ("assigned", "training", "completed", "failed", "released")
+ASSIGNMENT_STATUSES = ("assigned", "training", "completed", "failed", "released", "timed_out")
 CLIENT_STATUSES = ("active", "inactive")
 SHARD_STATUSES = ("queued", "assigned", "done", "failed", "paused", "cancelled")
 ROUND_STATUSES = ("training", "done", "failed")
 
 OPEN_ASSIGNMENT = ("assigned", "training")
+TIMED_OUT = "timed_out"  # past its deadline and reissued; a late result may still be accepted
 FEDERATED = "federated_training"  # the task type whose rounds exchange models
 FINAL_TASK = ("completed", "failed", "error", "stopped")
 
@@ -99,10 +100,12 @@ class TaskAssignment(Base):
     error: Mapped[str | None] = mapped_column(Text)
     update_sha256: Mapped[str | None] = mapped_column(String(64))
     num_examples: Mapped[int | None] = mapped_column(Integer)
+    deadline_at: Mapped[datetime | None] = mapped_column(Micro)
 
     __table_args__ = (
         Index("ix_assignments_client_status", "client_id", "status"),
         Index("ix_assignments_task_round", "task_id", "round", "rank"),
+        Index("ix_assignments_deadline", "status", "deadline_at"),
     )
 
 
@@ -128,6 +131,13 @@ class Client(Base):
     conn_id: Mapped[str | None] = mapped_column(String(64))
     pending_requests: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     requested_at: Mapped[datetime | None] = mapped_column(Micro)
+    valid_results: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    error_results: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    timeouts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    refused_updates: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    turnaround_s: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
+    throughput: Mapped[float | None] = mapped_column(Double)
+    task_quota: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_clients_conn", "conn_id", unique=True),
@@ -184,6 +194,8 @@ class TaskRound(Base):
     finished_at: Mapped[datetime | None] = mapped_column(Micro)
     # A lease: an aggregation of this round began then; others wait for it or for its expiry.
     aggregating_since: Mapped[datetime | None] = mapped_column(Micro)
+    deadline_at: Mapped[datetime | None] = mapped_column(Micro)
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
 
     __table_args__ = (UniqueConstraint("task_id", "round", name="uq_task_rounds_task_round"),)
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.assignments import NotAssigned, UnknownTask
+from store.assignments import NotAssigned, UnknownTask, find_open
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound
+from store.models import OPEN_ASSIGNMENT, TIMED_OUT, Task, TaskAssignment, TaskRound
 
 
 class UnknownRound(UnknownTask):
@@ -41,10 +41,11 @@ class Recorded:
 
 
 def target(s: Session, client_id: str, task_id: int, round_no: int, rank: int) -> Target:
-    """The open assignment an upload of (task, round, rank) by this client goes to.
+    """The assignment an upload of (task, round, rank) by this client goes to: its open one,
+    or one that timed out while the shard is unsettled (first valid result wins).
 
-    Raises UnknownTask, UnknownRound, StaleRound or NotAssigned, each with the message a
-    client is told.
+    Raises UnknownTask, UnknownRound, StaleRound, NotAssigned or Superseded, each with the
+    message a client is told.
     """
     task = s.get(Task, task_id)
     if task is None:
@@ -56,28 +57,23 @@ def target(s: Session, client_id: str, task_id: int, round_no: int, rank: int) -
         raise UnknownRound(f"no round {round_no} of task {task_id}")
     if round_no != task.current_round or rnd.status != "training":
         raise StaleRound(f"round {round_no} is over; the task is at round {task.current_round}")
-    held = s.execute(
-        select(TaskAssignment).where(
-            TaskAssignment.client_id == client_id,
-            TaskAssignment.task_id == task_id,
-            TaskAssignment.round == round_no,
-            TaskAssignment.rank == rank,
-            TaskAssignment.status.in_(OPEN_ASSIGNMENT),
-        )
-    ).scalar_one_or_none()
-    if held is None:
+    try:
+        held = find_open(s, client_id, task_id, round_no)
+    except NotAssigned:
+        held = None
+    if held is None or held.rank != rank:
         raise NotAssigned(f"you do not hold rank {rank} of task {task_id} round {round_no}")
     return Target(held.id, held.update_sha256, rnd.model_path)
 
 
 def record(s: Session, assignment_id: int, rel: str, sha256: str, num_examples: int) -> Recorded:
-    """Put the update on the assignment if it is still open and has none yet."""
+    """Put the update on the assignment if it is still open (or timed out) and has none yet."""
     won = affected(
         s.execute(
             update(TaskAssignment)
             .where(
                 TaskAssignment.id == assignment_id,
-                TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+                TaskAssignment.status.in_((*OPEN_ASSIGNMENT, TIMED_OUT)),
                 TaskAssignment.checkpoint_path.is_(None),
             )
             .values(checkpoint_path=rel, update_sha256=sha256, num_examples=num_examples)

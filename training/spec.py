@@ -6,6 +6,7 @@ the normalized config, so workers and clients read every field without defaults 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,8 +44,15 @@ KNOWN_KEYS = frozenset(
         "seed",
         "strategy",
         "strategy_params",
+        "deadline_s",
+        "round_timeout_s",
+        "min_fit_fraction",
+        "min_fit_clients",
+        "max_round_retries",
     }
 )
+MAX_DEADLINE_S = 30 * 86400.0  # an assignment's deadline, and a round's timeout, at most 30 days
+MAX_ROUND_RETRIES = 100
 
 
 class SpecError(ValueError):
@@ -70,6 +78,21 @@ def _float(raw: Mapping[str, Any], key: str, default: float, lo: float, hi: floa
         bracket = "(" if open_lo else "["
         raise SpecError(f"config.{key} must be in {bracket}{lo}, {hi}], got {value}")
     return value
+
+
+def optional_seconds(raw: Mapping[str, Any], key: str) -> float | None:
+    """An optional duration in seconds: absent or null, or a number in (0, 30 days]."""
+    if raw.get(key) is None:
+        return None
+    return _float(raw, key, 0.0, 0.0, MAX_DEADLINE_S, open_lo=True)
+
+
+def quorum(config: Mapping[str, Any]) -> int:
+    """Accepted updates a round needs to close at its timeout: the larger of ``min_fit_clients``
+    and ``min_fit_fraction`` of the shards (rounded up), at most every shard."""
+    shards = int(config.get("num_shards", 1))
+    by_fraction = math.ceil(float(config.get("min_fit_fraction", 1.0)) * shards - 1e-9)
+    return max(1, min(shards, max(int(config.get("min_fit_clients", 1)), by_fraction)))
 
 
 def _choice(raw: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -125,5 +148,21 @@ def normalize_federated_config(
         "seed": _int(raw, "seed", 0, 0, 2**31 - 1),
         "strategy": strategy,
         "strategy_params": strategy_params,
+        "deadline_s": optional_seconds(raw, "deadline_s"),
+        "round_timeout_s": optional_seconds(raw, "round_timeout_s"),
+        "min_fit_fraction": _float(raw, "min_fit_fraction", 1.0, 0.0, 1.0, open_lo=True),
+        "min_fit_clients": _int(raw, "min_fit_clients", 1, 1, MAX_SHARDS),
+        "max_round_retries": _int(raw, "max_round_retries", 2, 0, MAX_ROUND_RETRIES),
     }
+    if config["min_fit_clients"] > num_shards:
+        raise SpecError(
+            f"config.min_fit_clients={config['min_fit_clients']} is more than num_shards={num_shards}: "
+            "a round could never reach its quorum"
+        )
+    needed = quorum(config)
+    if needed < num_shards:
+        try:  # a round closed on its quorum aggregates that many updates: the rule must work on them
+            normalize_strategy(strategy, params, needed)
+        except ValueError as exc:
+            raise SpecError(f"with a quorum of {needed} of {num_shards} updates, {exc}") from exc
     return config

@@ -35,8 +35,9 @@ import config
 from store import blobs as paths
 from store.blobs import BlobStore
 from store.db import Database, affected
-from store.models import Task, TaskAssignment, TaskRound, utcnow
-from workers.lifecycle import create_shards, fail_task, has_shards
+from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound, TaskShard, utcnow
+from training.spec import quorum
+from workers.lifecycle import create_shards, fail_task, has_shards, round_deadline
 
 if TYPE_CHECKING:
     from aggregation import RoundResult
@@ -70,6 +71,8 @@ class Job(TypedDict, total=False):
     step: int  # the phase of a sliced aggregation
     run: dict[str, Any]  # the library's round arguments, as paths and numbers
     plan: dict[str, Any]  # the library's plan of the round
+    missing_ranks: list[int]  # ranks the round closed without (quorum at the timeout)
+    released: list[str]  # their holders, to be told to stop
 
 
 def locked_task_at(s: Session, task_id: int, round_no: int) -> Task | None:
@@ -116,6 +119,7 @@ def prepare(db: Database, blobs: BlobStore, task_id: int, settings: config.Setti
                     model_path=rel,
                     model_sha256=sha,
                     started_at=now,
+                    deadline_at=round_deadline(task.config or {}, now),
                 )
             )
         create_shards(s, task, 0, now)
@@ -151,7 +155,8 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
     latest: dict[int, TaskAssignment] = {}
     for a in done:
         latest[a.rank] = a  # one completed assignment per rank (its shard's compare-and-set)
-    if len(latest) < task.num_shards:
+    partial = len(latest) < task.num_shards
+    if partial and not _closes_on_quorum(s, task, rnd, len(latest), now):
         return None
     took = affected(
         s.execute(
@@ -166,6 +171,7 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
     )
     if took != 1:
         return None  # another job is aggregating this round
+    released = _drop_missing_ranks(s, task_id, round_no, now) if partial else []
     return Job(
         task_id=task_id,
         round=round_no,
@@ -185,7 +191,61 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
             )
             for _, a in sorted(latest.items())
         ],
+        missing_ranks=sorted(set(range(task.num_shards)) - set(latest)),
+        released=released,
     )
+
+
+def _closes_on_quorum(s: Session, task: Task, rnd: TaskRound, accepted: int, now: datetime) -> bool:
+    """A round short of some ranks is aggregated on its quorum once it timed out, or once every
+    missing rank failed for good."""
+    if accepted < quorum(task.config or {}):
+        return False
+    if rnd.deadline_at is not None and rnd.deadline_at <= now:
+        return True
+    unsettled = s.execute(
+        select(TaskShard.id)
+        .where(
+            TaskShard.task_id == task.id,
+            TaskShard.round == rnd.round,
+            TaskShard.status.in_(("queued", "assigned", "paused")),
+        )
+        .limit(1)
+    ).first()
+    return unsettled is None
+
+
+def _drop_missing_ranks(s: Session, task_id: int, round_no: int, now: datetime) -> list[str]:
+    """The round closes without its missing ranks: their shards are cancelled and their holders
+    released (told to stop). Returns those holders."""
+    holders = list(
+        s.execute(
+            select(TaskAssignment.client_id).where(
+                TaskAssignment.task_id == task_id,
+                TaskAssignment.round == round_no,
+                TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+            )
+        ).scalars()
+    )
+    s.execute(
+        update(TaskShard)
+        .where(
+            TaskShard.task_id == task_id,
+            TaskShard.round == round_no,
+            TaskShard.status.in_(("queued", "assigned", "paused")),
+        )
+        .values(status="cancelled", updated_at=now)
+    )
+    s.execute(
+        update(TaskAssignment)
+        .where(
+            TaskAssignment.task_id == task_id,
+            TaskAssignment.round == round_no,
+            TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+        )
+        .values(status="released", updated_at=now, error=f"round {round_no} closed on its quorum without it")
+    )
+    return sorted(set(holders))
 
 
 def start(
@@ -373,6 +433,7 @@ def _round_metrics(
         "aggregation_seconds": round(aggregation_s, 4),
         "evaluation_seconds": round(evaluation_s, 4),
         "slices": slices(job),
+        "missing_ranks": job.get("missing_ranks", []),
         "report": result.report,
     }
 
@@ -414,9 +475,11 @@ def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any]
             model_sha256=made.model_sha,
             state_path=made.state_rel,
             started_at=now,
+            deadline_at=round_deadline(task.config or {}, now),
         )
     )
     task.current_round = next_round
+    task.status_reason = f"round {next_round}: 0 of {task.num_shards} updates; shards queued"
     create_shards(s, task, next_round, now)
     return "next_round"
 

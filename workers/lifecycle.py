@@ -13,8 +13,19 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from store.assignments import requeue_status
-from store.models import FEDERATED, OPEN_ASSIGNMENT, Client, Task, TaskAssignment, TaskShard
+from store import reliability
+from store.assignments import end_assignment, requeue_status
+from store.models import (
+    FEDERATED,
+    OPEN_ASSIGNMENT,
+    TIMED_OUT,
+    Client,
+    Task,
+    TaskAssignment,
+    TaskRound,
+    TaskShard,
+)
+from training.spec import quorum
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +140,7 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
     )
     if not counts:
         return "noop", []
-    if counts.get("failed"):
+    if counts.get("failed") and not _quorum_reachable(task, counts):
         errors = s.execute(
             select(TaskAssignment.rank, TaskAssignment.client_id, TaskAssignment.error)
             .where(
@@ -143,10 +154,12 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
         summary = f"a shard failed {counts['failed']} time(s) too many; attempts:\n" + "\n".join(lines)
         log.info("event=task_failed task=%d round=%d", task_id, task.current_round)
         return "failed", fail_task(s, task, now, summary)
+    if task.type == FEDERATED and counts.get("done", 0) >= quorum(task.config or {}):
+        unsettled = sum(counts.get(status, 0) for status in ("queued", "assigned", "paused"))
+        if not unsettled:  # every rank done, or failed for good with a quorum done
+            return "aggregate", []
     if counts.get("done", 0) < task.num_shards:
         return "noop", []
-    if task.type == FEDERATED:
-        return "aggregate", []
     per_rank = round_results(s, task_id, task.current_round)
     task.result = {"ranks": per_rank, "metrics": combine_metrics(per_rank)}
     task.status = "completed"
@@ -154,6 +167,100 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
     task.updated_at = now
     log.info("event=task_completed task=%d ranks=%d", task_id, len(per_rank))
     return "completed", []
+
+
+def _quorum_reachable(task: Task, counts: dict[str, int]) -> bool:
+    """A federated round with a timeout can lose ranks for good and still close on its quorum."""
+    cfg = task.config or {}
+    if task.type != FEDERATED or cfg.get("round_timeout_s") is None:
+        return False
+    return task.num_shards - counts.get("failed", 0) >= quorum(cfg)
+
+
+def round_deadline(task_config: dict[str, Any], now: datetime) -> datetime | None:
+    """When a round opened now times out (``round_timeout_s``), or None."""
+    timeout = task_config.get("round_timeout_s")
+    return None if timeout is None else now + timedelta(seconds=float(timeout))
+
+
+def overdue_rounds(s: Session, now: datetime, *, limit: int) -> list[tuple[int, int]]:
+    """(task id, round) of running federated rounds past their timeout and not aggregating."""
+    rows = s.execute(
+        select(TaskRound.task_id, TaskRound.round)
+        .join(Task, Task.id == TaskRound.task_id)
+        .where(
+            Task.status == "running",
+            Task.current_round == TaskRound.round,
+            TaskRound.status == "training",
+            TaskRound.deadline_at < now,
+            TaskRound.aggregating_since.is_(None),
+        )
+        .order_by(TaskRound.deadline_at)
+        .limit(limit)
+    ).all()
+    return [(task_id, round_no) for task_id, round_no in rows]
+
+
+def close_round(
+    s: Session, task_id: int, round_no: int, now: datetime, *, max_attempts: int, max_tasks: int
+) -> tuple[str, list[str]]:
+    """A round reached its timeout: ``aggregate`` it on a quorum of accepted updates, or
+    ``retry`` (time out the holders of the missing ranks and reissue them, the timeout
+    restarted), or, out of retries, fail the task (``failed``). Returns (outcome, clients to
+    notify); ``noop`` when the round moved on already."""
+    task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
+    if task is None or task.status != "running" or task.current_round != round_no:
+        return "noop", []
+    rnd = s.execute(
+        select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no).with_for_update()
+    ).scalar_one()
+    if rnd.status != "training" or rnd.deadline_at is None or rnd.deadline_at >= now:
+        return "noop", []
+    cfg = task.config or {}
+    accepted = accepted_ranks(s, task_id, round_no)
+    needed = quorum(cfg)
+    if len(accepted) >= needed:
+        return "aggregate", []
+    holders = s.execute(
+        select(TaskAssignment.id, TaskAssignment.client_id).where(
+            TaskAssignment.task_id == task_id,
+            TaskAssignment.round == round_no,
+            TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+        )
+    ).all()
+    if rnd.retries >= int(cfg.get("max_round_retries", 0)):
+        reason = (
+            f"round {round_no} timed out {rnd.retries + 1} time(s) with {len(accepted)} of "
+            f"{task.num_shards} updates; its quorum is {needed}"
+        )
+        log.info("event=task_failed task=%d round=%d reason=round_timeout", task_id, round_no)
+        return "failed", fail_task(s, task, now, reason)
+    rnd.retries += 1
+    rnd.deadline_at = round_deadline(cfg, now)
+    why = f"round {round_no} timed out with {len(accepted)} of {task.num_shards} updates; reissued"
+    for aid, client_id in holders:
+        if end_assignment(s, aid, TIMED_OUT, now, max_attempts=max_attempts, error=why) is not None:
+            reliability.note(s, client_id, "timeout", max_tasks=max_tasks)
+    log.info(
+        "event=round_retry task=%d round=%d retry=%d accepted=%d",
+        task_id,
+        round_no,
+        rnd.retries,
+        len(accepted),
+    )
+    return "retry", sorted({client_id for _, client_id in holders})
+
+
+def accepted_ranks(s: Session, task_id: int, round_no: int) -> set[int]:
+    return set(
+        s.execute(
+            select(TaskAssignment.rank).where(
+                TaskAssignment.task_id == task_id,
+                TaskAssignment.round == round_no,
+                TaskAssignment.status == "completed",
+            )
+        ).scalars()
+    )
 
 
 def stalled(s: Session, now: datetime, *, limit: int) -> tuple[list[int], list[int]]:
@@ -208,24 +315,95 @@ def fitting_clients(s: Session, requirements: dict[str, Any]) -> int:
 
 
 def explain_waiting(s: Session, now: datetime, *, limit: int) -> int:
-    """Write, for tasks with queued shards, why they wait (visible in the API)."""
-    rows = s.execute(
-        select(Task.id, Task.requirements, func.count(TaskShard.id))
-        .join(TaskShard, TaskShard.task_id == Task.id)
-        .where(Task.status.in_(("pending", "running")), TaskShard.status == "queued")
-        .group_by(Task.id, Task.requirements)
-        .order_by(Task.id)
-        .limit(limit)
+    """Write, for every pending or running task, why it is where it is (visible in the API)."""
+    tasks = (
+        s.execute(select(Task).where(Task.status.in_(("pending", "running"))).order_by(Task.id).limit(limit))
+        .scalars()
+        .all()
+    )
+    for task in tasks:
+        if not has_shards(s, task.id, task.current_round):
+            continue  # not prepared yet: the submit's reason still holds
+        reason = explain(s, task, now)[:255]
+        if reason != task.status_reason:
+            task.status_reason = reason
+    return len(tasks)
+
+
+def explain_task(s: Session, task_id: int, now: datetime) -> None:
+    """Refresh one task's ``status_reason`` (after a result that did not move it on)."""
+    task = s.get(Task, task_id)
+    if (
+        task is not None
+        and task.status in ("pending", "running")
+        and has_shards(s, task_id, task.current_round)
+    ):
+        task.status_reason = explain(s, task, now)[:255]
+
+
+def explain(s: Session, task: Task, now: datetime) -> str:
+    """Why a task waits, in words an admin can act on: what the current round has, who holds
+    the rest and until when, and whether any connected client fits what is queued."""
+    shards = s.execute(
+        select(TaskShard.rank, TaskShard.status, TaskShard.assignment_id).where(
+            TaskShard.task_id == task.id, TaskShard.round == task.current_round
+        )
     ).all()
-    for task_id, requirements, queued in rows:
-        fit = fitting_clients(s, requirements or {})
-        if fit:
-            reason = f"waiting: {queued} shard(s) queued; {fit} connected client(s) fit the requirements"
-        else:
-            needs = ", ".join(f"{k}>={v}" for k, v in sorted((requirements or {}).items())) or "none"
-            reason = f"waiting: {queued} shard(s) queued; no connected client fits (requirements: {needs})"
-        s.execute(update(Task).where(Task.id == task_id).values(status_reason=reason[:255]))
-    return len(rows)
+    done = sum(1 for shard in shards if shard.status == "done")
+    what = "updates" if task.type == FEDERATED else "ranks done"
+    parts = [f"round {task.current_round}: {done} of {task.num_shards} {what}"]
+    held = s.execute(
+        select(TaskAssignment.rank, TaskAssignment.client_id, TaskAssignment.deadline_at)
+        .where(
+            TaskAssignment.task_id == task.id,
+            TaskAssignment.round == task.current_round,
+            TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+        )
+        .order_by(TaskAssignment.rank)
+    ).all()
+    if held:
+        ranks = ", ".join(str(a.rank) for a in held)
+        holders = _and([a.client_id for a in held])
+        deadlines = [a.deadline_at for a in held if a.deadline_at is not None]
+        due = f", deadline in {max(0, round((min(deadlines) - now).total_seconds()))} s" if deadlines else ""
+        parts.append(f"rank{'s' if len(held) > 1 else ''} {ranks} held by {holders}{due}")
+    queued = sum(1 for shard in shards if shard.status == "queued")
+    if queued:
+        parts.append(f"{queued} shard(s) queued; {_who_fits(s, task.requirements or {})}")
+    if done == task.num_shards and task.type == FEDERATED:
+        parts.append("aggregating")
+    return "; ".join(parts)
+
+
+def _and(names: list[str]) -> str:
+    names = names[:3] + ([f"{len(names) - 3} more"] if len(names) > 3 else [])
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+REQUIREMENT_COLUMNS = {
+    "cpu_cores": Client.cpu_cores,
+    "ram_gb": Client.ram_gb,
+    "gpu_count": Client.gpu_count,
+    "gpu_memory_gb": Client.gpu_memory_gb,
+}
+
+
+def _who_fits(s: Session, requirements: dict[str, Any]) -> str:
+    fit = fitting_clients(s, requirements)
+    if fit:
+        return f"{fit} connected client(s) fit the requirements"
+    connected = (Client.status == "active", Client.conn_id.is_not(None), Client.disabled.is_(False))
+    largest = s.execute(select(*(func.max(c) for c in REQUIREMENT_COLUMNS.values())).where(*connected)).one()
+    short = [
+        f"{key}>={need:g} (largest has {have or 0:g})"
+        for (key, need), have in zip(
+            ((k, float(requirements.get(k, 0))) for k in REQUIREMENT_COLUMNS), largest, strict=True
+        )
+        if need > float(have or 0)
+    ]
+    if not short:
+        return "no connected client fits (none connected, or none runs this task type)"
+    return "no connected client fits: needs " + ", ".join(short)
 
 
 def expired_cutoff(now: datetime, timeout_s: float) -> datetime:

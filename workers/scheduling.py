@@ -25,18 +25,23 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+import config
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, Client, Task, TaskAssignment, TaskShard
+from store.models import OPEN_ASSIGNMENT, TIMED_OUT, Client, Task, TaskAssignment, TaskShard
+from store.reliability import quota, score
+from workers.deadlines import deadline_seconds
 
 log = logging.getLogger(__name__)
+
+DEFAULTS = config.Settings()  # deadlines when a caller passes no settings (tests)
 
 
 def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
@@ -51,6 +56,10 @@ def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
         query = query.where(TaskShard.task_id.not_in(sorted(exclude_tasks)))
     if client.task_types is not None:
         query = query.where(TaskShard.task_type.in_(client.task_types))
+    timed_out_here = select(TaskAssignment.shard_id).where(
+        TaskAssignment.client_id == client.id, TaskAssignment.status == TIMED_OUT
+    )
+    query = query.where(or_(TaskShard.attempts == 0, TaskShard.id.not_in(timed_out_here)))
     return query.order_by(TaskShard.priority.desc(), TaskShard.id)
 
 
@@ -75,7 +84,15 @@ def claim(s: Session, client: Client, exclude_tasks: set[int], *, skip_locked: b
     return None
 
 
-def fill_client(s: Session, client_id: str, now: datetime, *, max_tasks: int, skip_locked: bool) -> list[int]:
+def fill_client(
+    s: Session,
+    client_id: str,
+    now: datetime,
+    *,
+    max_tasks: int,
+    skip_locked: bool,
+    settings: config.Settings = DEFAULTS,
+) -> list[int]:
     """Give a waiting client as much fitting work as it asked for and may hold; returns the
     new assignment ids.
 
@@ -98,7 +115,7 @@ def fill_client(s: Session, client_id: str, now: datetime, *, max_tasks: int, sk
             )
         ).scalars()
     )
-    slots = min(client.pending_requests, max_tasks - len(held))
+    slots = min(client.pending_requests, quota(client.task_quota, max_tasks) - len(held))
     claimed: list[TaskShard] = []
     while len(claimed) < slots:
         shard = claim(s, client, held, skip_locked=skip_locked)
@@ -108,7 +125,7 @@ def fill_client(s: Session, client_id: str, now: datetime, *, max_tasks: int, sk
         claimed.append(shard)
     if not claimed:
         return []
-    ids = write_assignments(s, [(client_id, shard) for shard in claimed], now)
+    ids = write_assignments(s, [(client_id, shard) for shard in claimed], now, settings)
     client.pending_requests -= len(claimed)
     if client.pending_requests <= 0:
         client.pending_requests = 0
@@ -137,6 +154,10 @@ WAITING_COLUMNS = (
     Client.gpu_count,
     Client.gpu_memory_gb,
     Client.task_types,
+    Client.task_quota,
+    Client.valid_results,
+    Client.error_results,
+    Client.timeouts,
 )
 SHARD_COLUMNS = (
     TaskShard.id,
@@ -148,6 +169,7 @@ SHARD_COLUMNS = (
     TaskShard.req_ram_gb,
     TaskShard.req_gpu_count,
     TaskShard.req_gpu_memory_gb,
+    TaskShard.attempts,
 )
 
 
@@ -160,33 +182,55 @@ class Matched:
 
 
 def match(
-    clients: Sequence[Any], shards: Sequence[Any], held: dict[str, set[int]], max_tasks: int
+    clients: Sequence[Any],
+    shards: Sequence[Any],
+    held: dict[str, set[int]],
+    max_tasks: int,
+    excluded: Set[tuple[str, int]] = frozenset(),
 ) -> Matched:
     """Pair waiting clients with queued shards; pure (no database), rows or plain objects in.
 
-    Clients are served in the order given (longest waiting first), each with the first
-    shards (priority order) that fit its hardware and task types, at most one rank of a task
-    per client, and no more than it asked for (``pending_requests``) and may hold
-    (``max_tasks`` minus what it ``held``). ``held`` maps a client id to the task ids it
-    holds; it is not modified.
+    Reissued shards (``attempts`` > 0) go first, each to the most reliable client that can
+    take it. Then clients are served in the order given (longest waiting first), each with
+    the first shards (priority order) that fit its hardware and task types. A client gets at
+    most one rank of a task, no more than it asked for (``pending_requests``) and may hold
+    (its quota, at most ``max_tasks``, minus the task ids it ``held``), and never a shard it
+    timed out on (``excluded`` (client id, shard id) pairs). ``held`` is not modified.
     """
     matched = Matched()
+    holding = {c.id: set(held.get(c.id, ())) for c in clients}
+    free = {
+        c.id: min(c.pending_requests, quota(c.task_quota, max_tasks) - len(holding[c.id])) for c in clients
+    }
+    wanted = {c.id for c in clients if free[c.id] > 0}
     taken: set[int] = set()
+
+    def give(client: Any, shard: Any) -> bool:
+        if (
+            free[client.id] <= 0
+            or shard.id in taken
+            or shard.task_id in holding[client.id]
+            or (client.id, shard.id) in excluded
+            or not fits(client, shard)
+        ):
+            return False
+        taken.add(shard.id)
+        holding[client.id].add(shard.task_id)
+        free[client.id] -= 1
+        matched.pairs.append((client, shard))
+        return True
+
+    most_reliable = sorted(clients, key=lambda c: -score(c.valid_results, c.error_results, c.timeouts))
+    for shard in shards:
+        if shard.attempts > 0:
+            any(give(client, shard) for client in most_reliable)
     for client in clients:
-        holding = set(held.get(client.id, ()))
-        slots = min(client.pending_requests, max_tasks - len(holding))
-        got = 0
         for shard in shards:
-            if got >= slots:
+            if free[client.id] <= 0:
                 break
-            if shard.id in taken or shard.task_id in holding or not fits(client, shard):
-                continue
-            taken.add(shard.id)
-            holding.add(shard.task_id)
-            matched.pairs.append((client, shard))
-            got += 1
-        if got == 0 and slots > 0:
-            matched.unserved.append(client.id)
+            give(client, shard)
+    served = {client.id for client, _ in matched.pairs}
+    matched.unserved = [c.id for c in clients if c.id in wanted and c.id not in served]
     return matched
 
 
@@ -198,7 +242,15 @@ class Served:
     skipped: bool = False  # waiting clients or queued shards were locked by someone else
 
 
-def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_locked: bool) -> Served:
+def serve_batch(
+    s: Session,
+    now: datetime,
+    *,
+    batch: int,
+    max_tasks: int,
+    skip_locked: bool,
+    settings: config.Settings = DEFAULTS,
+) -> Served:
     """Serve up to ``batch`` waiting clients in one transaction (see the module doc).
 
     Reads plain rows (no ORM objects), matches them with :func:`match`, and writes in bulk:
@@ -239,7 +291,9 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
     if skip_locked and not served.skipped:
         served.skipped = _skipped(s, queued, shards)
-    matched = match(clients, shards, held, max_tasks)
+    matched = match(
+        clients, shards, held, max_tasks, timed_out_pairs(s, [r.id for r in shards if r.attempts > 0])
+    )
     if len(shards) == window:
         served.starved = matched.unserved
     pairs = matched.pairs
@@ -248,7 +302,7 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
         served.skipped = len(pairs) < len(matched.pairs)  # lost some: the caller looks again
     if not pairs:
         return served
-    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now)
+    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings)
     got = Counter(client.id for client, _ in pairs)
     client_updates = []
     for client in clients:
@@ -266,9 +320,27 @@ def serve_batch(s: Session, now: datetime, *, batch: int, max_tasks: int, skip_l
     return served
 
 
-def write_assignments(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) -> list[int]:
-    """Record (client id, shard) pairs as assignments: one INSERT, the shards marked assigned,
-    and their tasks started. Returns the assignment ids in the order of ``pairs``."""
+def write_assignments(
+    s: Session, pairs: Sequence[tuple[str, Any]], now: datetime, settings: config.Settings = DEFAULTS
+) -> list[int]:
+    """Record (client id, shard) pairs as assignments, each with its deadline: one INSERT, the
+    shards marked assigned, and their tasks started. Returns the assignment ids in order."""
+    tasks = {
+        row.id: (row.type, row.config or {})
+        for row in s.execute(
+            select(Task.id, Task.type, Task.config).where(Task.id.in_({shard.task_id for _, shard in pairs}))
+        )
+    }
+    throughput = dict(
+        s.execute(select(Client.id, Client.throughput).where(Client.id.in_({cid for cid, _ in pairs}))).all()
+    )
+
+    def deadline(client_id: str, task_id: int) -> datetime:
+        task_type, task_config = tasks[task_id]
+        return now + timedelta(
+            seconds=deadline_seconds(task_type, task_config, throughput.get(client_id), settings)
+        )
+
     ids = list(
         s.scalars(
             insert(TaskAssignment).returning(TaskAssignment.id, sort_by_parameter_order=True),
@@ -282,6 +354,7 @@ def write_assignments(s: Session, pairs: Sequence[tuple[str, Any]], now: datetim
                     "rank": shard.rank,
                     "round": shard.round,
                     "shard_id": shard.id,
+                    "deadline_at": deadline(client_id, shard.task_id),
                 }
                 for client_id, shard in pairs
             ],
@@ -298,13 +371,27 @@ def write_assignments(s: Session, pairs: Sequence[tuple[str, Any]], now: datetim
     return ids
 
 
+def timed_out_pairs(s: Session, shard_ids: Sequence[int]) -> set[tuple[str, int]]:
+    """(client id, shard id) of the clients that timed out on these shards: they get them no more."""
+    if not shard_ids:
+        return set()
+    return {
+        (row.client_id, row.shard_id)
+        for row in s.execute(
+            select(TaskAssignment.client_id, TaskAssignment.shard_id).where(
+                TaskAssignment.shard_id.in_(shard_ids), TaskAssignment.status == TIMED_OUT
+            )
+        )
+    }
+
+
 def _start_tasks(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) -> None:
     """A task whose first shard went out is running; rank 0's holder is its ``client_id``."""
     started = sorted({shard.task_id for _, shard in pairs})
     s.execute(
         update(Task)
         .where(Task.id.in_(started), Task.status == "pending")
-        .values(status="running", updated_at=now, status_reason=None)
+        .values(status="running", updated_at=now, status_reason="running: its first shards were handed out")
         .execution_options(synchronize_session=False)
     )
     for client_id, shard in pairs:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import config
+from store import assignments
 from store import clients as client_store
 from store.blobs import BlobStore, task_dir
 from store.bus import SCHEDULE_PENDING, get_bus
@@ -77,7 +78,12 @@ def serve_waiting() -> int:
     for _ in range(max(1, cfg.SCHEDULE_BATCH // BATCH)):
         served = db.run(
             lambda s: scheduling.serve_batch(
-                s, utcnow(), batch=BATCH, max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
+                s,
+                utcnow(),
+                batch=BATCH,
+                max_tasks=cfg.MAX_TASKS_PER_CLIENT,
+                skip_locked=db.is_mysql,
+                settings=cfg,
             )
         )
         bus.publish(sorted({cid for cid, _ in served.assignments}))
@@ -87,7 +93,12 @@ def serve_waiting() -> int:
 
             def fill(s: Session, cid: str = cid) -> list[int]:
                 return scheduling.fill_client(
-                    s, cid, utcnow(), max_tasks=cfg.MAX_TASKS_PER_CLIENT, skip_locked=db.is_mysql
+                    s,
+                    cid,
+                    utcnow(),
+                    max_tasks=cfg.MAX_TASKS_PER_CLIENT,
+                    skip_locked=db.is_mysql,
+                    settings=cfg,
                 )
 
             if db.run(fill):
@@ -130,6 +141,8 @@ def advance_task(self: Any, task_id: int) -> str:
     db = get_db()
     outcome, notify = db.run(lambda s: lifecycle.advance(s, task_id, utcnow()))
     get_bus().publish(notify)
+    if outcome == "noop":  # still waiting: say for what
+        db.run(lambda s: lifecycle.explain_task(s, task_id, utcnow()))
     if outcome == "aggregate":
         round_no = db.run(
             lambda s: s.execute(select(Task.current_round).where(Task.id == task_id)).scalar_one()
@@ -151,6 +164,7 @@ def aggregate_round(self: Any, task_id: int, round_no: int) -> str:
     job = federated.start(get_db(), blobs(), task_id, round_no, settings())
     if job is None:
         return "noop"
+    get_bus().publish(job.get("released", []))  # holders of ranks the round closed without: stop
     if federated.slices(job) > 1 and not settings().embedded:
         _fan_out(federated.save_job(blobs(), job))
         log.info("task=aggregate_round id=%d round=%d slices=%d state=fanned_out",
@@ -216,28 +230,68 @@ def sweep(self: Any, now_ts: float | None = None) -> dict[str, int]:
 def sweep_once(now: datetime) -> dict[str, int]:
     db = get_db()
     cfg = settings()
+    bus = get_bus()
     cutoff = lifecycle.expired_cutoff(now, cfg.CONNECTION_TIMEOUT)
     expired = db.run(
         lambda s: clients_expire(s, cutoff, now, limit=cfg.SWEEP_LIMIT, max_attempts=cfg.MAX_SHARD_ATTEMPTS)
     )
     released = sum(len(tasks) for _, tasks in expired)
-    if released:
+    timed_out = db.run(
+        lambda s: assignments.expire_deadlines(
+            s,
+            now,
+            limit=cfg.SWEEP_LIMIT,
+            max_attempts=cfg.MAX_SHARD_ATTEMPTS,
+            max_tasks=cfg.MAX_TASKS_PER_CLIENT,
+        )
+    )
+    for client_id, task_id in timed_out:
+        log.info("event=assignment_timed_out client=%s task=%d", client_id, task_id)
+    bus.publish(sorted({client_id for client_id, _ in timed_out}))  # the holders are told to stop
+    rounds = {"aggregate": 0, "retry": 0, "failed": 0}
+    for task_id, round_no in db.run(lambda s: lifecycle.overdue_rounds(s, now, limit=cfg.SWEEP_LIMIT)):
+        outcome = close_round(task_id, round_no, now)
+        rounds[outcome] = rounds.get(outcome, 0) + 1
+    if released or timed_out or rounds["retry"]:
         schedule.delay()  # freed shards go to waiting clients
     to_prepare, to_advance = db.run(lambda s: lifecycle.stalled(s, now, limit=cfg.SWEEP_LIMIT))
     for task_id in to_prepare:
         prepare_task.delay(task_id)
-    for task_id in to_advance:
+    for task_id in sorted(set(to_advance) | {task_id for _, task_id in timed_out}):
         advance_task.delay(task_id)
     waiting = db.run(lambda s: lifecycle.explain_waiting(s, now, limit=cfg.SWEEP_LIMIT))
     stats = {
         "expired": len(expired),
         "released": released,
+        "timed_out": len(timed_out),
+        "rounds_closed": rounds["aggregate"],
+        "rounds_retried": rounds["retry"],
+        "rounds_failed": rounds["failed"],
         "prepared": len(to_prepare),
         "advanced": len(to_advance),
         "waiting": waiting,
     }
     log.info("task=sweep state=finish %s", " ".join(f"{k}={v}" for k, v in stats.items()))
     return stats
+
+
+def close_round(task_id: int, round_no: int, now: datetime) -> str:
+    """A federated round past its timeout: aggregate it on its quorum, reissue, or fail the task."""
+    cfg = settings()
+
+    def close(s: Session) -> tuple[str, list[str]]:
+        return lifecycle.close_round(
+            s, task_id, round_no, now, max_attempts=cfg.MAX_SHARD_ATTEMPTS, max_tasks=cfg.MAX_TASKS_PER_CLIENT
+        )
+
+    outcome, notify = get_db().run(close)
+    get_bus().publish(notify)
+    if outcome == "aggregate":
+        aggregate_round.delay(task_id, round_no)
+    elif outcome == "retry":
+        advance_task.delay(task_id)  # a reissued rank may have run out of attempts
+    log.info("event=round_timeout task=%d round=%d outcome=%s", task_id, round_no, outcome)
+    return outcome
 
 
 def clients_expire(

@@ -118,11 +118,28 @@ def test_init_db_adds_the_columns_a_database_of_an_older_version_lacks(from_mode
         with old.cursor() as cur:  # admin_tokens as it was before the panel's sign-in
             cur.execute("ALTER TABLE admin_tokens DROP COLUMN expires_at")
             cur.execute(OLD_ROW, ("ab", "ops", "2026-01-01"))
+            # and assignments and clients as they were before deadlines and reliability
+            cur.execute(
+                "ALTER TABLE task_assignments DROP INDEX ix_assignments_deadline, DROP COLUMN deadline_at"
+            )
+            cur.execute(
+                "ALTER TABLE task_assignments MODIFY COLUMN status "
+                "ENUM('assigned','training','completed','failed','released') NOT NULL"
+            )
+            cur.execute("ALTER TABLE clients DROP COLUMN valid_results")
         old.close()
         env = {**os.environ, "DATABASE_URL": f"mysql+pymysql://root@127.0.0.1:3306/{name}"}
-        assert "added column admin_tokens.expires_at" in init_db(env)
+        said = init_db(env)
+        for added in (
+            "column admin_tokens.expires_at",
+            "column task_assignments.deadline_at",
+            "index task_assignments.ix_assignments_deadline",
+            "enum values task_assignments.status",
+            "column clients.valid_results",  # NOT NULL DEFAULT 0: the rows get the default
+        ):
+            assert f"added {added}" in said, said
         assert show_create(name) == show_create(from_models)
-        assert "added column" not in init_db(env)  # nothing left to add
+        assert "added" not in init_db(env)  # nothing left to add
         check = mysql_connect(name)
         with check.cursor() as cur:
             cur.execute("SELECT token_hash, label, expires_at FROM admin_tokens")

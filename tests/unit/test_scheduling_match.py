@@ -9,7 +9,17 @@ from workers.scheduling import match
 
 
 def client(
-    cid: str, *, wants: int = 1, cores: int = 4, ram: float = 8, gpus: int = 0, types: Any = None
+    cid: str,
+    *,
+    wants: int = 1,
+    cores: int = 4,
+    ram: float = 8,
+    gpus: int = 0,
+    types: Any = None,
+    quota: int | None = None,
+    valid: int = 0,
+    errors: int = 0,
+    timeouts: int = 0,
 ) -> Any:
     return SimpleNamespace(
         id=cid,
@@ -19,11 +29,25 @@ def client(
         gpu_count=gpus,
         gpu_memory_gb=8.0 * gpus,
         task_types=types,
+        task_quota=quota,
+        valid_results=valid,
+        error_results=errors,
+        timeouts=timeouts,
     )
 
 
-def shard(sid: int, task: int, *, cores: int = 0, ram: float = 0, gpus: int = 0, kind: str = "echo") -> Any:
+def shard(
+    sid: int,
+    task: int,
+    *,
+    cores: int = 0,
+    ram: float = 0,
+    gpus: int = 0,
+    kind: str = "echo",
+    attempts: int = 0,
+) -> Any:
     return SimpleNamespace(
+        attempts=attempts,
         id=sid,
         task_id=task,
         round=0,
@@ -76,3 +100,25 @@ def test_held_is_not_modified() -> None:
     held = {"a": {7}}
     match([client("a")], [shard(1, 10)], held, 3)
     assert held == {"a": {7}}
+
+
+def test_a_reissued_shard_goes_to_the_most_reliable_client_first() -> None:
+    flaky = client("flaky", valid=9, timeouts=9)  # waited longest, but half its work timed out
+    steady = client("steady", valid=5)
+    fresh = client("fresh")
+    matched = match([flaky, steady, fresh], [shard(1, 10), shard(2, 11, attempts=1)], {}, 3)
+    assert pairs(matched) == [("steady", 2), ("flaky", 1)]  # then longest waiting first, as always
+
+
+def test_a_client_never_gets_back_a_shard_it_timed_out_on() -> None:
+    matched = match([client("slow"), client("other")], [shard(1, 10, attempts=1)], {}, 3, {("slow", 1)})
+    assert pairs(matched) == [("other", 1)]
+    alone = match([client("slow")], [shard(1, 10, attempts=1)], {}, 3, {("slow", 1)})
+    assert pairs(alone) == [] and alone.unserved == ["slow"]
+
+
+def test_a_halved_quota_bounds_what_a_client_holds() -> None:
+    matched = match([client("a", wants=3, quota=1)], [shard(1, 10), shard(2, 11)], {}, 3)
+    assert pairs(matched) == [("a", 1)]
+    holding = match([client("a", wants=3, quota=1)], [shard(2, 11)], {"a": {10}}, 3)
+    assert pairs(holding) == []
