@@ -31,6 +31,12 @@ result_accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# Stopping a worker (docs/operations.md): run it with REMAP_SIGTERM=SIGQUIT in its environment,
+# so SIGTERM is Celery's soft shutdown: tasks running get this many seconds to finish (the
+# short ones do), then the rest are cancelled and their unacknowledged messages go back to the
+# broker at once, for another worker, instead of waiting out the visibility timeout. Keep it
+# below the supervisor's grace before SIGKILL (docker: 10 s).
+worker_soft_shutdown_timeout = 4.0
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False
 # Task events cost three Redis publishes per task; Flower switches them on in the workers it

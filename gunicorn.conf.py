@@ -20,3 +20,32 @@ accesslog = None  # the app writes LOG_DIR/access.log itself
 def on_starting(server):
     # In a subprocess, so the master imports nothing the gevent workers must patch first.
     subprocess.run([sys.executable, "-m", "app", "bootstrap-token"], check=False)
+
+
+def post_worker_init(worker):
+    """On SIGTERM (a stop, or a reload replacing the workers) tell this worker's clients to
+    reconnect at once (close 1012) and write their progress, instead of holding their sockets
+    until graceful_timeout and then cutting them. gunicorn's own handler still runs first."""
+    import signal
+
+    import gevent
+
+    hub = getattr(worker.wsgi, "extensions", {}).get("aifarm.hub")
+    if hub is None:  # the app failed to load
+        return
+    graceful = worker.handle_exit
+    grace = max(1.0, worker.cfg.graceful_timeout - 2.0)
+
+    def handle_exit(sig, frame):
+        graceful(sig, frame)
+        gevent.spawn(hub.shutdown, grace)  # it waits: in a greenlet, not in the signal handler
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def worker_exit(server, worker):
+    """Last words of a worker: write the progress its sockets left behind (none is lost)."""
+    hub = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("aifarm.hub")
+    if hub is not None:
+        hub.shutdown(timeout=0)

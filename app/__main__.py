@@ -11,6 +11,8 @@ and a real Celery worker and beat in this process. With REDIS_URL set it serves 
 alone; run ``celery -A workers worker`` and one ``celery -A workers beat`` beside it.
 """
 
+from __future__ import annotations
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -18,11 +20,27 @@ monkey.patch_all()
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import config  # noqa: E402
 from store import schema  # noqa: E402
 from store.auth import bootstrap_admin_token, create_admin_token  # noqa: E402
 from store.db import Database  # noqa: E402
+
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIServer
+
+    from app.hub import Hub
+
+log = logging.getLogger("aifarm.server")
+
+# Seconds each step of a SIGTERM/SIGINT shutdown may take (9 s in all at most, within the
+# 10 s a supervisor usually grants before SIGKILL): sockets to end after their close frame,
+# HTTP requests in flight to finish, the in-process worker (embedded) to finish its task.
+SOCKETS_GRACE = 4.0
+REQUESTS_GRACE = 2.0
+WORKER_GRACE = 3.0
 
 
 def init_db(settings: config.Settings) -> None:
@@ -61,6 +79,9 @@ def print_bootstrap_token(settings: config.Settings) -> None:
 
 
 def serve(settings: config.Settings) -> None:
+    import gevent
+    from gevent.event import Event
+    from gevent.pool import Pool
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
     from app import create_app
@@ -75,6 +96,7 @@ def serve(settings: config.Settings) -> None:
                 self.close_connection = True
 
     app = create_app()
+    hub: Hub = app.extensions["aifarm.hub"]
     print_bootstrap_token(settings)
     stop_worker = None
     if settings.embedded:
@@ -88,20 +110,36 @@ def serve(settings: config.Settings) -> None:
         (settings.SERVER_HOST, settings.SERVER_PORT),
         app,
         handler_class=Handler,
+        spawn=Pool(),  # a pool, so that stop() can wait for the requests in flight
         log=None,
         error_log=logging.getLogger("aifarm.wsgi"),
     )
-
-    def shutdown(*_: object) -> None:
-        server.stop(timeout=3)
-        if stop_worker is not None:
-            stop_worker()
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    # gevent's own signal handling: the handler runs in a greenlet of its own, where waiting is
+    # allowed (signal.signal's runs inside the event loop, where it raises BlockingSwitchOutError).
+    # It only wakes this greenlet, which does the whole shutdown below.
+    stopping = Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    server.start()
     mode = "embedded: SQLite + in-process worker and beat" if settings.embedded else "web tier"
     print(f"AI Farm server on http://{settings.SERVER_HOST}:{settings.SERVER_PORT} ({mode})", flush=True)
-    server.serve_forever()
+    stopping.wait()
+    shutdown(server, hub, stop_worker)
+
+
+def shutdown(server: WSGIServer, hub: Hub, stop_worker: Callable[[float], None] | None) -> None:
+    """Stop accepting, tell the connected clients to reconnect, write what they sent, let the
+    requests in flight finish, then stop beat and the in-process worker. Each step is bounded."""
+    log.info("event=shutdown state=start")
+    server.close()  # no new connections; clients retrying get refused and back off
+    hub.shutdown(timeout=SOCKETS_GRACE)  # close 1012 (Service Restart); flush their progress
+    log.info("event=shutdown state=sockets_closed")
+    server.stop(timeout=REQUESTS_GRACE)  # HTTP requests in flight (an upload) may finish
+    hub.flush()  # progress of any socket ended by the stop above
+    log.info("event=shutdown state=requests_done")
+    if stop_worker is not None:
+        stop_worker(WORKER_GRACE)
+    log.info("event=shutdown state=done")
 
 
 def main(argv: list[str]) -> int:

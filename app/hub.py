@@ -8,10 +8,16 @@ its client. Reconciling a client sends the difference: ``task`` for a new assign
 every ``RECONCILE_INTERVAL`` seconds all local clients are reconciled anyway, so a lost ring
 delays a push but never loses it. The same periodic pass flushes batched progress and
 ``last_seen`` in one transaction, and closes connections the database no longer knows.
+
+Before the process exits, :meth:`Hub.shutdown` closes every socket with 1012 (Service
+Restart), so clients reconnect (to another web process, or this one restarted) now, and
+writes the progress they sent; a connection that goes away leaves its unwritten progress
+behind for the next flush.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server restarts; reconnect
+
 
 class Hub:
     def __init__(self, db: Database, bus: Bus, *, interval: float) -> None:
@@ -43,6 +51,9 @@ class Hub:
         self._everyone = False
         self._wake = threading.Event()
         self._started = False
+        self._stopping = False
+        self._drained = threading.Event()  # set when shutting down and no connection is left
+        self._left: dict[int, tuple[float, dict[str, Any]]] = {}  # assignment -> unwritten progress
         self._specs: dict[
             int, tuple[dict[str, Any], dict[str, Any]]
         ] = {}  # task id -> (config, requirements)
@@ -61,18 +72,30 @@ class Hub:
     def attach(self, conn: Connection, *, reconnect: bool) -> None:
         """Hold a registered connection; a reconnecting client is reconciled at once (its work)."""
         assert conn.client_id is not None
+        old = None
         with self._lock:
-            old = self._conns.get(conn.client_id)
-            self._conns[conn.client_id] = conn
+            stopping = self._stopping
+            if not stopping:
+                old = self._conns.get(conn.client_id)
+                self._conns[conn.client_id] = conn
+        if stopping:  # registered while this process shuts down: reconnect elsewhere
+            close_for_restart(conn)
+            return
         if old is not None and old is not conn:
             old.close_superseded()
         if reconnect:
             self.ring([conn.client_id])
 
     def detach(self, conn: Connection) -> None:
+        """The socket ended: forget it, keeping its unwritten progress for the next flush."""
+        progress = conn.take_progress()
         with self._lock:
+            for aid, value, metrics in progress:
+                self._left[aid] = (value, metrics)
             if conn.client_id is not None and self._conns.get(conn.client_id) is conn:
                 del self._conns[conn.client_id]
+            if self._stopping and not self._conns:
+                self._drained.set()
 
     def count(self) -> int:
         return len(self._conns)
@@ -125,20 +148,65 @@ class Hub:
                 conn.apply(by_client.get(client_id, []))
 
     def flush(self) -> None:
-        """Write batched progress and refresh last_seen of every local connection."""
+        """Write batched progress and refresh last_seen of every local connection.
+
+        Progress that could not be written (the database is down) is kept for the next flush."""
         conns = list(self._conns.values())
-        if not conns:
+        with self._lock:
+            latest, self._left = self._left, {}
+        for conn in conns:
+            for aid, value, metrics in conn.take_progress():
+                latest[aid] = (value, metrics)
+        if not conns and not latest:
             return
-        progress = [item for conn in conns for item in conn.take_progress()]
+        progress = [(aid, value, metrics) for aid, (value, metrics) in latest.items()]
         conn_ids = [c.conn_id for c in conns]
         now = utcnow()
 
         def write(s: Session) -> set[str]:
             if progress:
                 assignments.record_progress(s, progress, now)
-            return clients.touch(s, conn_ids, now)
+            return clients.touch(s, conn_ids, now) if conn_ids else set()
 
-        alive = self.db.run(write)
+        try:
+            alive = self.db.run(write)
+        except Exception:
+            with self._lock:  # kept, unless a newer report of the same assignment came meanwhile
+                for aid, value_metrics in latest.items():
+                    self._left.setdefault(aid, value_metrics)
+            raise
         for conn in conns:
             if conn.conn_id not in alive:
                 conn.close_superseded()
+
+    # --- shutdown ---
+
+    def shutdown(self, timeout: float) -> None:
+        """Before the process exits: close every socket with 1012 (Service Restart) so its
+        client reconnects now, wait up to ``timeout`` seconds for the sockets to end (what a
+        client sent before our close is still handled), then write the batched progress.
+
+        Safe to call again (a second call writes whatever is left); connections registering
+        after the first call are closed the same way."""
+        with self._lock:
+            self._stopping = True
+            conns = list(self._conns.values())
+            if not conns:
+                self._drained.set()
+        if conns:
+            log.info("event=shutdown state=closing connections=%d", len(conns))
+        for conn in conns:
+            close_for_restart(conn)
+        if not self._drained.wait(timeout):
+            log.warning("event=shutdown state=timeout open_connections=%d", len(self._conns))
+        try:
+            self.flush()
+        except Exception as error:
+            log.error("event=shutdown state=flush_failed error=%s", type(error).__name__)
+
+
+def close_for_restart(conn: Connection) -> None:
+    """Close a client's socket with 1012 (Service Restart): the client reconnects, keeping its
+    id, and is sent its open assignments again wherever it lands."""
+    with contextlib.suppress(Exception):  # it may be closed already
+        conn.ws.close(reason=CLOSE_SERVICE_RESTART, message="server restarting; reconnect")

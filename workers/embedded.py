@@ -21,8 +21,9 @@ from workers import celery
 log = logging.getLogger(__name__)
 
 
-def start(settings: config.Settings) -> Callable[[], None]:
-    """Start the worker and beat in background threads; returns a function that stops both."""
+def start(settings: config.Settings) -> Callable[[float], None]:
+    """Start the worker and beat in background threads; returns ``stop(timeout)``, which stops
+    both (not from a signal handler: it waits)."""
     Path(settings.DATA_DIR).mkdir(parents=True, exist_ok=True)
     worker = WorkController(
         app=celery,
@@ -44,8 +45,16 @@ def start(settings: config.Settings) -> Callable[[], None]:
     celery.send_task("workers.tasks.schedule")
     log.info("event=embedded_worker state=started broker=%s", settings.broker_url)
 
-    def stop() -> None:
+    def stop(timeout: float) -> None:
+        """Stop beat, then the worker: a warm stop, so a task running finishes, up to ``timeout``
+        seconds. A task cut short when the process then exits is safe: every task is idempotent,
+        and the next start sweeps and schedules (the in-memory broker keeps nothing anyway)."""
         beat.stop()
         worker.stop(in_sighandler=False)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("event=embedded_worker state=stop_timeout seconds=%.0f", timeout)
+        else:
+            log.info("event=embedded_worker state=stopped")
 
     return stop
