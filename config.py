@@ -97,7 +97,9 @@ class Settings:
     SCHEDULE_BATCH: int = 500  # waiting clients served per scheduling run
     RECONCILE_INTERVAL: float = 5.0  # web: re-read open assignments of local sockets, flush last_seen
     AGGREGATION_SLICE_BYTES: int = 256 << 20  # models larger than this aggregate in parallel slices
-    AGGREGATION_LEASE: int = 900  # seconds before a stalled aggregation of a round may be retaken
+    # An aggregation holds its round's lease and renews it every third of this many seconds; a
+    # worker killed mid-aggregation leaves it to expire, and the sweep's re-drive retakes it.
+    AGGREGATION_LEASE: int = 30
 
     # --- Deadlines (an assignment not finished by then is timed out and its shard reissued) ---
     DEADLINE_DEFAULT: float = 3600.0  # seconds, for a task that is not federated and gives no deadline_s

@@ -140,7 +140,8 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker", concu
         "--without-mingle",
         "--without-gossip",
     ]
-    proc = Proc(name, args, env, log_dir)
+    # SIGTERM is Celery's soft shutdown: a running job goes back to the broker (docs/operations.md)
+    proc = Proc(name, args, {"REMAP_SIGTERM": "SIGQUIT", **env}, log_dir)
     wait_for(lambda: "ready." in proc.output() or not proc.alive(), 60, what="celery worker ready")
     assert proc.alive(), proc.output()
     return proc

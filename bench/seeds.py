@@ -15,7 +15,7 @@ seed-0 row is ``make demo``'s final accuracy; the final model's bytes are the sa
   ``build_model``, ``train_local(model, config, rank, round_num=r, global_state=...)`` on
   the CPU with 1 torch thread (the client's default ``--threads``), and its upload is
   ``state_to_bytes(model.state_dict())`` claiming ``num_examples``;
-* the server (``workers.federated.start``/``run_here``/``complete``): the task's strategy from
+* the server (``workers.federated.take``/``plan``/``run_here``/``complete``): the task's strategy from
   ``aggregation.build_strategy`` runs the round over the update files in rank order, each an
   ``UpdateFile`` with the claim and ``max_examples = shard_size``, ``round_seed`` as the worker
   derives it, then ``evaluate(params, config)`` on the test split.

@@ -7,10 +7,10 @@ server optimizer state are all on disk before any row points at them.
 
 Aggregating a round is three steps, so that it can run in one job or fan out:
 
-1. :func:`start`: read the round's inputs, take the round's lease (``aggregating_since``,
-   so the sweep does not start a second aggregation beside a slow one), and plan it with
-   the aggregation library (headers checked, parameters split into slices of at most
-   ``AGGREGATION_SLICE_BYTES``);
+1. :func:`take` reads the round's inputs and takes the round's lease (``aggregating_since``,
+   renewed by :func:`lease_kept` while the job runs, so the sweep does not start a second
+   aggregation beside a slow one); :func:`plan` plans it with the aggregation library
+   (headers checked, parameters split into slices of at most ``AGGREGATION_SLICE_BYTES``);
 2. run the plan: in this process (:func:`run_here`), or, for a plan of several slices on the
    production topology, as Celery chords of ``aggregate_slice`` jobs (``workers.tasks``),
    one chord per phase; both run the library's same phase functions over the same slices, so
@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -134,6 +137,10 @@ def prepare(db: Database, blobs: BlobStore, task_id: int, settings: config.Setti
 # --- 1. start ---
 
 
+class LeaseHeld(Exception):
+    """Another job holds the round's aggregation lease and keeps renewing it."""
+
+
 def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timedelta) -> Job | None:
     task = locked_task_at(s, task_id, round_no)
     if task is None:
@@ -170,7 +177,7 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
         )
     )
     if took != 1:
-        return None  # another job is aggregating this round
+        raise LeaseHeld(f"task {task_id} round {round_no} is being aggregated since {rnd.aggregating_since}")
     released = _drop_missing_ranks(s, task_id, round_no, now) if partial else []
     return Job(
         task_id=task_id,
@@ -248,16 +255,64 @@ def _drop_missing_ranks(s: Session, task_id: int, round_no: int, now: datetime) 
     return sorted(set(holders))
 
 
-def start(
-    db: Database, blobs: BlobStore, task_id: int, round_no: int, settings: config.Settings
-) -> Job | None:
-    """Take the round's lease and plan its aggregation; None when there is nothing to do."""
-    from training import shard_size
+def renew_lease(db: Database, task_id: int, round_no: int) -> bool:
+    """Push the round's lease forward (an aggregation of it is still running here)."""
 
+    def renew(s: Session) -> bool:
+        moved = s.execute(
+            update(TaskRound)
+            .where(
+                TaskRound.task_id == task_id,
+                TaskRound.round == round_no,
+                TaskRound.status == "training",
+                TaskRound.aggregating_since.is_not(None),
+            )
+            .values(aggregating_since=utcnow())
+        )
+        return affected(moved) == 1
+
+    return db.run(renew)
+
+
+@contextmanager
+def lease_kept(db: Database, job: Job, settings: config.Settings) -> Iterator[None]:
+    """Renew the round's lease every third of AGGREGATION_LEASE while the block runs."""
+    every = settings.AGGREGATION_LEASE / 3
+    done = threading.Event()
+
+    def keep() -> None:
+        while not done.wait(every):
+            try:
+                renew_lease(db, job["task_id"], job["round"])
+            except Exception as error:  # the next try may work; an expired lease is only a redo
+                log.warning("event=lease_renewal state=failed task=%d error=%s", job["task_id"], error)
+
+    keeper = threading.Thread(target=keep, name="aggregation-lease", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        keeper.join(timeout=every)
+
+
+def take(db: Database, task_id: int, round_no: int, settings: config.Settings) -> Job | None:
+    """Take the round's lease and read its inputs; None when there is nothing to do.
+    Raises LeaseHeld when another job holds a live lease. Keep the lease (:func:`lease_kept`)
+    until the round is planned and run."""
     lease = timedelta(seconds=settings.AGGREGATION_LEASE)
     job = db.run(lambda s: _inputs(s, task_id, round_no, utcnow(), lease))
-    if job is None:
-        return None
+    if job is not None:
+        log.info(
+            "event=aggregation_started task=%d round=%d updates=%d", task_id, round_no, len(job["updates"])
+        )
+    return job
+
+
+def plan(blobs: BlobStore, job: Job, settings: config.Settings) -> Job:
+    """Plan the round's aggregation with the library (headers checked, slices cut)."""
+    from training import shard_size
+
     cfg = job["config"]
     job["started"] = time.time()
     job["step"] = 0
@@ -273,7 +328,7 @@ def start(
             for u in job["updates"]
         ],
         "state_path": str(blobs.path(job["state_path"])) if job["state_path"] else None,
-        "round_seed": round_seed(cfg, round_no),
+        "round_seed": round_seed(cfg, job["round"]),
         "max_slice_bytes": settings.AGGREGATION_SLICE_BYTES,
     }
     job["plan"] = _strategy(job).plan_round(**_run_args(job))

@@ -161,16 +161,23 @@ def aggregate_round(self: Any, task_id: int, round_no: int) -> str:
     """
     from workers import federated
 
-    job = federated.start(get_db(), blobs(), task_id, round_no, settings())
+    try:
+        job = federated.take(get_db(), task_id, round_no, settings())
+    except federated.LeaseHeld as held:  # look again once that lease would have expired
+        raise self.retry(exc=held, countdown=settings().AGGREGATION_LEASE) from None
     if job is None:
         return "noop"
     get_bus().publish(job.get("released", []))  # holders of ranks the round closed without: stop
-    if federated.slices(job) > 1 and not settings().embedded:
-        _fan_out(federated.save_job(blobs(), job))
-        log.info("task=aggregate_round id=%d round=%d slices=%d state=fanned_out",
-                 task_id, round_no, federated.slices(job))  # fmt: skip
-        return "sliced"
-    return _completed(federated.complete(get_db(), blobs(), settings(), job, federated.run_here(job)), job)
+    with federated.lease_kept(get_db(), job, settings()):
+        federated.plan(blobs(), job, settings())
+        if federated.slices(job) > 1 and not settings().embedded:
+            _fan_out(federated.save_job(blobs(), job))
+            log.info("task=aggregate_round id=%d round=%d slices=%d state=fanned_out",
+                     task_id, round_no, federated.slices(job))  # fmt: skip
+            return "sliced"
+        result = federated.run_here(job)
+        outcome = federated.complete(get_db(), blobs(), settings(), job, result)
+    return _completed(outcome, job)
 
 
 def _fan_out(job_rel: str) -> None:
@@ -191,7 +198,15 @@ def _completed(outcome: str, job: Job) -> str:
     return outcome
 
 
-@celery.task(name="workers.tasks.aggregate_slice", bind=True, ignore_result=False)
+@celery.task(
+    name="workers.tasks.aggregate_slice",
+    bind=True,
+    ignore_result=False,
+    autoretry_for=(Unavailable, OSError),  # a file share or the database hiccuped: run it again
+    retry_backoff=1,
+    retry_backoff_max=10,
+    max_retries=5,
+)
 def aggregate_slice(self: Any, job_rel: str, index: int) -> dict[str, Any]:
     """One slice of one phase of a round; returns its JSON-able partial result."""
     import aggregation
@@ -199,7 +214,9 @@ def aggregate_slice(self: Any, job_rel: str, index: int) -> dict[str, Any]:
 
     job = federated.load_job(blobs(), job_rel)
     out = blobs().path(federated.slice_rel(job, index))
-    part: dict[str, Any] = aggregation.run_slice(job["plan"], index, str(out))
+    with federated.lease_kept(get_db(), job, settings()):
+        federated.renew_lease(get_db(), job["task_id"], job["round"])
+        part: dict[str, Any] = aggregation.run_slice(job["plan"], index, str(out))
     return part
 
 
@@ -211,14 +228,17 @@ def finish_sliced_round(self: Any, parts: list[dict[str, Any]], job_rel: str) ->
 
     store = blobs()
     job = federated.load_job(store, job_rel)
+    federated.renew_lease(get_db(), job["task_id"], job["round"])
     plan = aggregation.advance_round(job["plan"], parts)
     if plan["phase"] in ("stats", "apply"):
         job["plan"], job["step"] = plan, job["step"] + 1
         _fan_out(federated.save_job(store, job))
         return "sliced"
     last = [str(store.path(federated.slice_rel(job, k))) for k in range(federated.slices(job))]
-    result = aggregation.finish_round(plan, last)
-    return _completed(federated.complete(get_db(), store, settings(), job, result), job)
+    with federated.lease_kept(get_db(), job, settings()):
+        result = aggregation.finish_round(plan, last)
+        outcome = federated.complete(get_db(), store, settings(), job, result)
+    return _completed(outcome, job)
 
 
 @celery.task(name="workers.tasks.sweep", **RETRY)
