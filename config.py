@@ -107,6 +107,10 @@ class Settings:
     DEADLINE_MAX: float = 6 * 3600.0  # ceiling of a federated assignment's derived deadline
     DEADLINE_RATE: float = 50.0  # training examples/s assumed of a client not measured yet
     DEADLINE_SLACK: float = 4.0  # a derived deadline allows this many times the expected time
+    # A client whose socket closes keeps its assignments for at most this many seconds more
+    # (their deadlines are brought forward); then they are reissued, and its late result may
+    # still win. Lower it where volunteers crash more often than they roam.
+    RECONNECT_GRACE: float = 60.0
 
     LOG_LEVEL: str = "INFO"
 

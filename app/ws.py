@@ -282,7 +282,8 @@ class Connection:
         if client_id is None:
             return
         try:
-            self.db.run(lambda s: clients.disconnect(s, client_id, self.conn_id, utcnow()))
+            grace = self.settings.RECONNECT_GRACE
+            self.db.run(lambda s: clients.disconnect(s, client_id, self.conn_id, utcnow(), grace=grace))
         except Exception as error:  # the sweep settles it after CONNECTION_TIMEOUT
             log.warning("event=disconnect client=%s state=failed error=%s", client_id, type(error).__name__)
         log.info("event=disconnect client=%s", client_id)

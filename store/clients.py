@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select, update
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from store import assignments
 from store.auth import hash_token, new_client_id, new_token, token_matches
 from store.db import affected
-from store.models import Client
+from store.models import OPEN_ASSIGNMENT, Client, TaskAssignment
 
 
 class AuthFailed(Exception):
@@ -99,14 +99,34 @@ def connect(
     return row.id, None, row.disabled
 
 
-def disconnect(s: Session, client_id: str, conn_id: str, now: datetime) -> None:
-    """The socket closed. Assignments stay until CONNECTION_TIMEOUT, so a quick reconnect keeps them."""
-    s.execute(
-        update(Client)
-        .where(Client.id == client_id, Client.conn_id == conn_id)
-        .values(conn_id=None, last_seen=now, pending_requests=0, requested_at=None)
-        .execution_options(synchronize_session=False)
+def disconnect(
+    s: Session, client_id: str, conn_id: str, now: datetime, *, grace: float | None = None
+) -> None:
+    """The socket closed. Assignments stay until CONNECTION_TIMEOUT, so a quick reconnect keeps
+    them; with ``grace`` (RECONNECT_GRACE) their deadlines are also brought forward to at most
+    ``grace`` seconds from now, after which the sweep reissues them (a late result may still win)."""
+    gone = affected(
+        s.execute(
+            update(Client)
+            .where(Client.id == client_id, Client.conn_id == conn_id)
+            .values(conn_id=None, last_seen=now, pending_requests=0, requested_at=None)
+            .execution_options(synchronize_session=False)
+        )
     )
+    if gone and grace is not None:
+        cap = now + timedelta(seconds=grace)
+        s.execute(
+            update(TaskAssignment)
+            .where(TaskAssignment.client_id == client_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
+            .values(
+                deadline_at=case(
+                    (TaskAssignment.deadline_at.is_(None), cap),
+                    (TaskAssignment.deadline_at > cap, cap),
+                    else_=TaskAssignment.deadline_at,
+                )
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 def request_work(s: Session, client_id: str, conn_id: str, now: datetime, *, max_tasks: int) -> bool:

@@ -7,6 +7,7 @@ can free the shard. Every test ends by reading the database.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -482,3 +483,65 @@ def test_an_opaque_task_deadline_that_cannot_work_gets_400(server: int, db: Data
         status, body = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"deadline_s": bad}})
         assert status == 400 and "config.deadline_s must be" in body["message"], body
     assert rows(db, "SELECT COUNT(*) FROM tasks") == [(0,)]
+
+
+# --- volunteers killed mid-training and mid-upload ---
+
+
+def test_a_client_killed_mid_training_has_its_shard_reissued_after_the_reconnect_grace(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A real client process is SIGKILLed while it trains: its socket closes, RECONNECT_GRACE=0
+    brings its deadline to now, and beat's next sweep reissues the shard to the other client."""
+    env = service_env(tmp_path, SWEEP_INTERVAL="1", RECONNECT_GRACE="0")
+    port = free_port()
+    procs.append(start_embedded(env, port, tmp_path / "procs"))
+    doomed = start_clients(port, tmp_path, 1, env)[0]
+    procs.append(doomed)
+    long = {"dataset": "digits", "num_shards": 1, "rounds": 1, "local_epochs": 400}  # a few seconds
+    task = submit(port, **long)
+    training = wait_for(
+        lambda: [
+            a for a in detail(port, task["id"])["assignments"] if a["status"] == "training" and a["progress"]
+        ],
+        60,
+        0.1,
+        "the client training (progress reported)",
+    )
+    doomed.kill()  # SIGKILL mid-training
+    survivor = start_clients(port, tmp_path / "second", 1, env)[0]
+    procs.append(survivor)
+    done = wait_status(port, task["id"], "completed", timeout=120)
+    history = [(a["client_id"], a["status"]) for a in sorted(done["assignments"], key=lambda a: a["id"])]
+    assert history[0] == (training[0]["client_id"], "timed_out")
+    assert [status for _, status in history[1:]] == ["completed"]
+    assert reliability(port, training[0]["client_id"])["timeouts"] == 1
+
+
+def test_a_client_killed_mid_upload_leaves_nothing_and_can_upload_again(
+    server: int, sockets: list[WsClient], db: Database, run_dir: Path
+) -> None:
+    task = submit(server, num_shards=1, rounds=1)
+    c = connect(server, sockets, **FEDERATED)
+    c.request_task()
+    held = c.next_task(timeout=30)
+    body = save_np(fetch_model(server, c, held))
+    assert c.token and c.client_id
+    # half the body, then the connection drops: the process died mid-upload
+    raw = socket.create_connection(("127.0.0.1", server), timeout=10)
+    head = (
+        f"PUT {held['update_url']} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {c.token}\r\n"
+        f"X-Client-Id: {c.client_id}\r\nX-Num-Examples: 10\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    raw.sendall(head + body[: len(body) // 2])
+    raw.close()
+    tmp = run_dir / "checkpoints" / "tmp"
+    wait_for(lambda: not tmp.exists() or not list(tmp.iterdir()), 30, 0.1, "the partial upload removed")
+    assert rows(db, "SELECT checkpoint_path FROM task_assignments WHERE task_id = :t", t=task["id"]) == [
+        (None,)
+    ]
+    assert detail(server, task["id"])["current_round"] == 0  # the round is unaffected
+    assert upload(server, c, held, body)[0] == 201  # the restarted client uploads again
+    c.result(held)
+    assert wait_status(server, task["id"], "completed")["result"]["rounds"][0]["updates"] == 1
