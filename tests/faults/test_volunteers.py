@@ -56,43 +56,22 @@ def connect(port: int, sockets: list[WsClient], **hardware: Any) -> WsClient:
     return c
 
 
+def wait_for_assignment(db: Database, client_id: str | None, task_id: int, condition: str, what: str) -> None:
+    """Wait until the client has exactly one assignment of the task matching ``condition``."""
+    query = f"SELECT COUNT(*) FROM task_assignments WHERE client_id = :c AND task_id = :t AND {condition}"
+    wait_for(lambda: rows(db, query, c=client_id, t=task_id) == [(1,)], 30, 0.1, what)
+
+
 def overdue(db: Database, client_id: str | None, task_id: int) -> None:
     """Wait until the client's open assignment of the task is past its deadline."""
-    wait_for(
-        lambda: (
-            rows(
-                db,
-                "SELECT COUNT(*) FROM task_assignments WHERE client_id = :c AND task_id = :t "
-                "AND status IN ('assigned', 'training') AND deadline_at < UTC_TIMESTAMP(6)",
-                c=client_id,
-                t=task_id,
-            )
-            == [(1,)]
-        ),
-        30,
-        0.1,
-        "the deadline to pass",
-    )
+    open_and_late = "status IN ('assigned', 'training') AND deadline_at < UTC_TIMESTAMP(6)"
+    wait_for_assignment(db, client_id, task_id, open_and_late, "the deadline to pass")
 
 
 def sweep_times_out(db: Database, celery_client: Celery, client_id: str | None, task_id: int) -> None:
     """Run beat's sweep once and wait until it timed the client's assignment out."""
     celery_client.send_task("workers.tasks.sweep")
-    wait_for(
-        lambda: (
-            rows(
-                db,
-                "SELECT COUNT(*) FROM task_assignments "
-                "WHERE client_id = :c AND task_id = :t AND status = 'timed_out'",
-                c=client_id,
-                t=task_id,
-            )
-            == [(1,)]
-        ),
-        30,
-        0.1,
-        "the assignment timed out",
-    )
+    wait_for_assignment(db, client_id, task_id, "status = 'timed_out'", "the assignment timed out")
 
 
 def sweep_after_deadline(db: Database, celery_client: Celery, client_id: str | None, task_id: int) -> None:
