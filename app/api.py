@@ -84,6 +84,9 @@ def paged(items: list[dict[str, Any]], total: int, page: int, per_page: int) -> 
 
 
 def require_broker() -> None:
+    """Refuse a write before anything is written while the broker is down: its jobs and
+    doorbell rings could not be sent. (A write that raced the outage is covered anyway: the
+    web tier's reconcile tells the holders, and beat's sweep re-drives the jobs.)"""
     if not jobs.broker_ok():
         raise Unavailable("broker unavailable; nothing was changed, try again shortly")
 
@@ -154,6 +157,7 @@ def set_task_status(task_id: int) -> Response:
     target = validation.json_object().get("status")
     if target not in validation.TASK_STATUS_TARGETS:
         raise ApiError(400, f"status must be one of {', '.join(validation.TASK_STATUS_TARGETS)}")
+    require_broker()
     try:
         task, notify = db().run(lambda s: task_store.set_status(s, task_id, target, utcnow()))
     except KeyError:
@@ -177,6 +181,7 @@ def _after_status_change(task_id: int, status: str, notify: list[str]) -> None:
 @admin_required
 def delete_task(task_id: int) -> Response:
     """Stop the task (its holders are told), then delete it and its files."""
+    require_broker()
     try:
         task, notify = db().run(lambda s: task_store.set_status(s, task_id, "stopped", utcnow()))
         _after_status_change(task.id, task.status, notify)
@@ -243,6 +248,7 @@ def set_client_status(client_id: str) -> Response:
     target = validation.json_object().get("status")
     if target not in validation.CLIENT_STATUS_TARGETS:
         raise ApiError(400, f"status must be one of {', '.join(validation.CLIENT_STATUS_TARGETS)}")
+    require_broker()
     settings = current_app.config["SETTINGS"]
 
     def change(s: Session) -> tuple[dict[str, Any], list[int]] | None:

@@ -27,11 +27,21 @@ T = TypeVar("T")
 
 
 class Unavailable(RuntimeError):
-    """The database (or the broker) cannot be reached; nothing was changed."""
+    """The database (or the broker) cannot be reached; nothing was changed.
+
+    ``retry_safe``: the connection broke in the middle of a transaction, before its COMMIT was
+    sent, so the server rolled it back and running it again on a new connection is safe.
+    """
+
+    def __init__(self, message: str = "", *, retry_safe: bool = False) -> None:
+        super().__init__(message)
+        self.retry_safe = retry_safe
 
 
 # MySQL error numbers that mean "try the transaction again": deadlock, lock wait timeout.
 _RETRYABLE_ERRNOS = frozenset({1213, 1205})
+# The connection died under a transaction: "server has gone away", "lost connection during query".
+_LOST_ERRNOS = frozenset({2006, 2013})
 
 
 def _errno(error: BaseException) -> int | None:
@@ -63,6 +73,17 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, (exc.TimeoutError, exc.DisconnectionError, exc.InterfaceError)):
         return True
     return isinstance(error, exc.OperationalError) and not is_retryable(error)
+
+
+def is_lost_connection(error: BaseException) -> bool:
+    """The connection died (2006, 2013: a restarted server, a cut network), as opposed to a server
+    that does not answer in time (a read timeout, also reported as 2013): running the
+    transaction again at once can only help in the first case."""
+    if "timed out" in str(getattr(error, "orig", error)):
+        return False
+    if _errno(error) in _LOST_ERRNOS:
+        return True
+    return isinstance(error, exc.DBAPIError) and error.connection_invalidated
 
 
 class Database:
@@ -105,31 +126,55 @@ class Database:
     def session(self) -> Iterator[Session]:
         """A transaction: commits when the block ends, rolls back on an exception.
 
-        Raises :class:`Unavailable` when the database cannot be reached.
+        Raises :class:`Unavailable` when the database cannot be reached; its ``retry_safe``
+        says whether the connection, open when the transaction began, broke before the
+        COMMIT (not while connecting, not during the COMMIT, whose outcome is unknown).
         """
         s = self._sessions()
+        stage = "connect"
         try:
+            s.connection()  # check a connection out (the pool pings it, or opens a new one)
+            stage = "work"
             yield s
+            stage = "commit"
             s.commit()
         except BaseException as error:
             s.rollback()
             if is_outage(error) and not isinstance(error, Unavailable):
-                raise Unavailable(f"database unavailable: {type(error).__name__}") from error
+                safe = stage == "work" and is_lost_connection(error)
+                raise Unavailable(f"database unavailable: {type(error).__name__}", retry_safe=safe) from error
             raise
         finally:
             s.close()
 
     def run(self, fn: Callable[[Session], T], *, attempts: int = 4) -> T:
-        """Run ``fn`` in a transaction, again on a deadlock or lock timeout (bounded)."""
+        """Run ``fn`` in a transaction, again (at most ``attempts`` runs in all, with a short
+        backoff) on a deadlock or lock wait timeout (1213, 1205; SQLite: busy), or when the
+        connection died under it before its COMMIT (2006, 2013: the server rolled it back).
+        Raises :class:`Unavailable` (a 503; a Celery task retries with backoff) when the last
+        run fails so too.
+
+        A server that is down or hung is not waited for: connecting fails at once (or after
+        ``connect_timeout``), a read times out after ``DB_TIMEOUT``, and :class:`Unavailable`
+        goes to the caller. Neither is a connection lost during the COMMIT retried: it may
+        have committed."""
         for attempt in range(1, attempts + 1):
             try:
                 with self.session() as s:
                     return fn(s)
             except exc.OperationalError as error:
-                if attempt == attempts or not is_retryable(error):
+                if not is_retryable(error):
                     raise
+                if attempt == attempts:  # still contended: a 503 (the caller may try again), not a 500
+                    raise Unavailable(f"database busy: errno {_errno(error)} {attempts} times") from error
                 log.info("event=db_retry attempt=%d errno=%s", attempt, _errno(error))
                 time.sleep(random.uniform(0.005, 0.05) * attempt)
+            except Unavailable as error:
+                if attempt == attempts or not error.retry_safe:
+                    raise
+                log.warning("event=db_retry attempt=%d errno=%s reason=lost_connection",
+                            attempt, _errno(error.__cause__ or error))  # fmt: skip
+                time.sleep(random.uniform(0.05, 0.2) * attempt)
         raise AssertionError("unreachable")
 
     def create_all(self) -> None:

@@ -291,6 +291,9 @@ def sweep_once(now: datetime) -> dict[str, int]:
         "advanced": len(to_advance),
         "waiting": waiting,
     }
+    from workers import recovery  # what nothing above finds again: deleted tasks' files, waiting clients
+
+    stats.update(recovery.reconcile(db, blobs(), cfg))
     log.info("task=sweep state=finish %s", " ".join(f"{k}={v}" for k, v in stats.items()))
     return stats
 

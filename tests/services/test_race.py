@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from store.db import Database
 from store.models import Client, Task, utcnow
@@ -41,23 +42,55 @@ def assert_no_double_assignment(db: Database) -> None:
     assert mismatched == []
 
 
-def test_sixty_sockets_race_for_eight_shards(server: int, db: Database, second_worker: Proc) -> None:
+def test_sixty_sockets_race_for_eight_shards(
+    server: int, db: Database, second_worker: Proc, celery_client: Celery
+) -> None:
     racers = [WsClient(server).register() for _ in range(60)]
     try:
         wide = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"num_shards": 5}})[1]
         singles = [request(server, "POST", "/api/tasks", {"type": "echo"})[1] for _ in range(3)]
         wait_for(lambda: rows(db, "SELECT COUNT(*) FROM task_shards") == [(8,)], what="8 shards queued")
-        for r in racers:
-            r.request_task()
+        # Sixty requests at the same moment, one thread per socket, and scheduling runs on both
+        # worker processes (six job slots) at once besides the ones the requests ask for.
+        start = threading.Barrier(61, timeout=30)
+        errors: list[BaseException] = []
+
+        def ask(r: WsClient) -> None:
+            try:
+                start.wait()
+                r.request_task()
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=ask, args=(r,)) for r in racers]
+        for t in threads:
+            t.start()
+        start.wait()
+        for _ in range(6):
+            celery_client.send_task("workers.tasks.schedule")
+        for t in threads:
+            t.join(30)
+        assert errors == []
         wait_for(lambda: rows(db, "SELECT COUNT(*) FROM task_assignments") == [(8,)], what="8 assignments")
-        got = [(r.client_id, m["data"]) for r in racers for m in r.silent(0.5) if m["type"] == "task"]
-        assert len(got) == 8
-        assert len({(d["id"], d["rank"]) for _, d in got}) == 8  # every shard once
-        assert len({cid for cid, _ in got}) == 8  # one shard per client here
+        # Every request was handled: a client got a shard, or waits with its request kept.
+        wait_for(
+            lambda: rows(db, "SELECT COUNT(*) FROM clients WHERE pending_requests = 1") == [(52,)],
+            what="the 52 others waiting",
+        )
+        assert rows(db, "SELECT COUNT(*) FROM task_assignments") == [(8,)]
+        assert_no_double_assignment(db)
+        assigned = dict(rows(db, "SELECT client_id, shard_id FROM task_assignments"))
+        assert len(assigned) == 8  # one shard per client here
+        shards = dict(rows(db, "SELECT id, task_id FROM task_shards WHERE status = 'assigned'"))
+        assert sorted(assigned.values()) == sorted(shards)  # every shard once
+        by_id = {r.client_id: r for r in racers}
+        got = [(cid, by_id[cid].next_task(timeout=20)) for cid in assigned]  # each told its own
+        assert {(d["id"], d["rank"]) for _, d in got} == {
+            (t, rank) for t, rank in rows(db, "SELECT task_id, `rank` FROM task_shards")
+        }
         ranks = sorted(d["rank"] for _, d in got if d["id"] == wide["id"])
         assert ranks == [0, 1, 2, 3, 4]
         assert {d["id"] for _, d in got} == {wide["id"], *(t["id"] for t in singles)}
-        assert_no_double_assignment(db)
     finally:
         for r in racers:
             r.close()

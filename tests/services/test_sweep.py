@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -10,10 +12,45 @@ from celery import Celery
 from store import clients as client_store
 from store.db import Database
 from store.models import Client, utcnow
-from tests.conftest import rows
-from tests.helpers import WsClient, request, wait_for
+from tests.conftest import mysql_connect, rows
+from tests.helpers import Proc, WsClient, request, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
+
+FINISHED = re.compile(r"task=sweep state=finish [^\n]*")
+
+
+def sweep(
+    celery_client: Celery, worker: Proc, times: int = 1, then: Callable[[], object] | None = None
+) -> list[str]:
+    """Send ``times`` sweeps to the worker, call ``then`` (if given), wait for every one of them
+    to finish, and return their log lines (``task=sweep state=finish expired=…``)."""
+    start = len(worker.output())
+    for _ in range(times):
+        celery_client.send_task("workers.tasks.sweep")
+    if then is not None:
+        then()
+
+    def finished() -> list[str]:
+        found = FINISHED.findall(worker.output()[start:])
+        return found if len(found) >= times else []
+
+    return wait_for(finished, 30, what=f"{times} sweep(s) finished")
+
+
+def waiting_on_client_row(database: str) -> int:
+    """Sweeps inside their transaction, waiting on a client's row (the expiry's compare-and-set)."""
+    monitor = mysql_connect()
+    try:
+        with monitor.cursor() as cur:
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE db = %s AND command = 'Query' "
+                "AND info LIKE 'UPDATE clients SET status%%'",
+                (database,),
+            )
+            return int(cur.fetchone()[0])  # type: ignore[index]
+    finally:
+        monitor.close()
 
 
 def silence(db: Database, client_id: str, seconds: int) -> None:
@@ -25,7 +62,7 @@ def silence(db: Database, client_id: str, seconds: int) -> None:
 
 
 def test_a_silent_client_is_swept_and_its_shard_rescheduled_exactly_once(
-    server: int, db: Database, celery_client: Celery
+    server: int, worker: Proc, db: Database, celery_client: Celery, mysql_url: str
 ) -> None:
     gone, waiting = WsClient(server).register(), WsClient(server).register()
     try:
@@ -39,26 +76,62 @@ def test_a_silent_client_is_swept_and_its_shard_rescheduled_exactly_once(
             what="disconnect recorded",
         )
         waiting.request_task()
-        assert [m for m in waiting.silent(1.0) if m["type"] == "task"] == []  # not before the timeout
+        wait_for(
+            lambda: (
+                rows(db, "SELECT pending_requests FROM clients WHERE id = :c", c=waiting.client_id) == [(1,)]
+            ),
+            what="the request recorded",
+        )
 
+        # Not before the timeout: a sweep runs (and finishes) while the client is merely away.
+        (line,) = sweep(celery_client, worker)
+        assert "expired=0 released=0" in line
+        assert rows(
+            db, "SELECT client_id, status FROM task_assignments WHERE task_id = :t", t=task["id"]
+        ) == [(gone.client_id, "assigned")]
+        assert rows(db, "SELECT status FROM clients WHERE id = :c", c=gone.client_id) == [("active",)]
+
+        # Overlapping sweeps: with the client's row locked, two sweeps (the worker runs two jobs
+        # at once) reach the expiry's compare-and-set and wait there, inside their transactions,
+        # while a third waits for a free slot. Then the row is let go.
         silence(db, gone.client_id, 3600)
-        for _ in range(3):  # overlapping sweeps: the release still happens once
-            celery_client.send_task("workers.tasks.sweep")
+        database = mysql_url.rsplit("/", 1)[1]
+        lock = mysql_connect(database)
+        lock.begin()
+        try:
+            with lock.cursor() as cur:
+                cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (gone.client_id,))
+
+            def overlap_then_release() -> None:
+                wait_for(lambda: waiting_on_client_row(database) == 2, 30, what="two sweeps at once")
+                lock.rollback()
+
+            lines = sweep(celery_client, worker, 3, then=overlap_then_release)
+        finally:
+            lock.close()
+        released = [line for line in lines if "expired=1 released=1" in line]
+        assert len(released) == 1, lines  # one sweep won the client; the others found it gone
+        assert all("expired=0 released=0" in line for line in lines if line not in released), lines
+
         again = waiting.next_task()
         assert (again["id"], again["rank"]) == (got["id"], got["rank"])
-
         history = rows(
             db, "SELECT client_id, status FROM task_assignments WHERE task_id = :t ORDER BY id", t=task["id"]
         )
         assert history == [(gone.client_id, "released"), (waiting.client_id, "assigned")]
         assert rows(db, "SELECT status FROM clients WHERE id = :c", c=gone.client_id) == [("inactive",)]
         assert rows(db, "SELECT attempts FROM task_shards WHERE task_id = :t", t=task["id"]) == [(0,)]
-        assert [m for m in waiting.silent(1.0) if m["type"] == "task"] == []
+        # Nothing else was pushed to it: everything sent before the pause below came first.
+        assert request(server, "PUT", f"/api/tasks/{task['id']}/status", {"status": "paused"})[0] == 200
+        waiting.expect("pause")
+        assert [m for m in waiting.inbox if m["type"] == "task"] == []
     finally:
         waiting.close()
 
 
-def test_connected_clients_are_not_swept(server: int, db: Database, celery_client: Celery) -> None:
+def test_connected_clients_are_not_swept(
+    server: int, worker: Proc, db: Database, celery_client: Celery
+) -> None:
     alive = WsClient(server).register()
     try:
         silence(db, alive.client_id, 3600)  # the web tier refreshes last_seen of live sockets
@@ -74,11 +147,12 @@ def test_connected_clients_are_not_swept(server: int, db: Database, celery_clien
             ),
             what="last_seen refreshed",
         )
-        celery_client.send_task("workers.tasks.sweep")
+        (line,) = sweep(celery_client, worker)
+        assert "expired=0" in line
+        assert rows(db, "SELECT status FROM clients WHERE id = :c", c=alive.client_id) == [("active",)]
         request(server, "POST", "/api/tasks", {"type": "echo"})
         alive.request_task()
         alive.next_task()
-        assert rows(db, "SELECT status FROM clients WHERE id = :c", c=alive.client_id) == [("active",)]
     finally:
         alive.close()
 
