@@ -275,7 +275,12 @@ def document() -> dict[str, Any]:
             "delete": {
                 "summary": "Stop the task (its clients are told), then delete it and its files",
                 "parameters": [TASK_ID],
-                "responses": {"200": _json({"type": "object"}), "404": _error("no such task"), **AUTH_ERRORS},
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    "404": _error("no such task"),
+                    "503": _error("the broker is down: nothing was changed"),
+                    **AUTH_ERRORS,
+                },
             },
         },
         "/api/tasks/{task_id}/status": {
@@ -288,6 +293,7 @@ def document() -> dict[str, Any]:
                     "400": _error("unknown status"),
                     "404": _error("no such task"),
                     "409": _error("the task's current status does not allow it"),
+                    "503": _error("the broker is down: nothing was changed"),
                     **AUTH_ERRORS,
                 },
             }
@@ -337,7 +343,9 @@ def document() -> dict[str, Any]:
                     "200": _json({"type": "object"}, "already accepted (counted once)"),
                     "400": _error("not safetensors, wrong tensors, NaN/Inf, bad X-Num-Examples"),
                     "404": _error("no such task or round"),
-                    "409": _error("not your shard, or the round is over"),
+                    "409": _error(
+                        "not your shard, the round is over, or another copy was accepted (superseded)"
+                    ),
                     "413": _error("over MAX_UPLOAD_SIZE"),
                     **AUTH_ERRORS,
                 },
@@ -369,6 +377,7 @@ def document() -> dict[str, Any]:
                     "200": _json(_ref("Client")),
                     "400": _error("unknown status"),
                     "404": _error("no such client"),
+                    "503": _error("the broker is down: nothing was changed"),
                     **AUTH_ERRORS,
                 },
             }
