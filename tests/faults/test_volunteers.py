@@ -206,9 +206,11 @@ def test_a_silent_client_stalls_no_federated_round(
 # --- first valid result wins ---
 
 
-def test_a_late_result_wins_when_the_reissued_copy_has_not_finished(
+def reissued_after_timeout(
     server: int, sockets: list[WsClient], db: Database, celery_client: Celery
-) -> None:
+) -> tuple[dict[str, Any], tuple[WsClient, dict[str, Any]], tuple[WsClient, dict[str, Any]]]:
+    """An echo task whose one shard timed out on ``late`` and went to ``second``:
+    (task, (late, what it held), (second, what it was given))."""
     late, second = connect(server, sockets), connect(server, sockets)
     status, task = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"deadline_s": 1}})
     assert status == 201
@@ -218,6 +220,13 @@ def test_a_late_result_wins_when_the_reissued_copy_has_not_finished(
     sweep_after_deadline(db, celery_client, late.client_id, task["id"])
     reissued = second.next_task()
     assert reissued["id"] == held["id"]
+    return task, (late, held), (second, reissued)
+
+
+def test_a_late_result_wins_when_the_reissued_copy_has_not_finished(
+    server: int, sockets: list[WsClient], db: Database, celery_client: Celery
+) -> None:
+    task, (late, held), (second, reissued) = reissued_after_timeout(server, sockets, db, celery_client)
     late.result(held, score=7.0)  # it was slow, not gone: its result is the first one
     second.expect("stop", task_id=task["id"])
     second.result(reissued, score=1.0)
@@ -237,14 +246,7 @@ def test_a_late_result_wins_when_the_reissued_copy_has_not_finished(
 def test_a_late_result_after_the_reissued_copy_won_is_refused_and_changes_nothing(
     server: int, sockets: list[WsClient], db: Database, celery_client: Celery
 ) -> None:
-    late, second = connect(server, sockets), connect(server, sockets)
-    status, task = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"deadline_s": 1}})
-    assert status == 201
-    late.request_task()
-    held = late.next_task()
-    second.request_task()
-    sweep_after_deadline(db, celery_client, late.client_id, task["id"])
-    reissued = second.next_task()
+    task, (late, held), (second, reissued) = reissued_after_timeout(server, sockets, db, celery_client)
     second.result(reissued, score=1.0)
     wait_for(lambda: detail(server, task["id"])["status"] == "completed", 30, 0.1, "completion")
     late.result(held, score=7.0)
