@@ -263,9 +263,21 @@ def accepted_ranks(s: Session, task_id: int, round_no: int) -> set[int]:
     )
 
 
-def stalled(s: Session, now: datetime, *, limit: int) -> tuple[list[int], list[int]]:
-    """Tasks a lost message may have left behind: (to prepare, to advance)."""
+def stalled(
+    s: Session, now: datetime, *, limit: int, lease_s: float | None = None
+) -> tuple[list[int], list[int]]:
+    """Tasks a lost message may have left behind: (to prepare, to advance). With ``lease_s``
+    (AGGREGATION_LEASE), a round whose aggregation holds a live lease is left to it."""
     settle = now - timedelta(seconds=5)
+    aggregating = (
+        select(TaskRound.id)
+        .where(
+            TaskRound.task_id == Task.id,
+            TaskRound.round == Task.current_round,
+            TaskRound.aggregating_since > now - timedelta(seconds=lease_s or 0),
+        )
+        .exists()
+    )
     unprepared = s.execute(
         select(Task.id)
         .where(
@@ -288,6 +300,7 @@ def stalled(s: Session, now: datetime, *, limit: int) -> tuple[list[int], list[i
             )
             .exists(),
             Task.updated_at < settle,
+            *([~aggregating] if lease_s else []),
         )
         .order_by(Task.id)
         .limit(limit)

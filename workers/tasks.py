@@ -274,7 +274,9 @@ def sweep_once(now: datetime) -> dict[str, int]:
         rounds[outcome] = rounds.get(outcome, 0) + 1
     if released or timed_out or rounds["retry"]:
         schedule.delay()  # freed shards go to waiting clients
-    to_prepare, to_advance = db.run(lambda s: lifecycle.stalled(s, now, limit=cfg.SWEEP_LIMIT))
+    to_prepare, to_advance = db.run(
+        lambda s: lifecycle.stalled(s, now, limit=cfg.SWEEP_LIMIT, lease_s=cfg.AGGREGATION_LEASE)
+    )
     for task_id in to_prepare:
         prepare_task.delay(task_id)
     for task_id in sorted(set(to_advance) | {task_id for _, task_id in timed_out}):

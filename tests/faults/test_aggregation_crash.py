@@ -152,6 +152,7 @@ def test_a_worker_killed_mid_aggregation_leaves_the_round_to_another_within_the_
             "round 0 aggregated by the second worker",
         )
         assert aggregation_started(second, task["id"], 0) == 1
+        assert "LeaseHeld" not in second.output()  # beat's sweeps left the live lease alone until it lapsed
         train_round(topology.port, volunteer)
         done = wait_status(topology.port, task["id"], "completed")
     finally:
