@@ -12,60 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pymysql
 import pytest
-from safetensors.numpy import save as save_np
 
 import config
 from store.db import Database
 from store.models import FEDERATED, Task, TaskAssignment, TaskRound, utcnow
-from tests.conftest import mysql_connect, rows, service_env
-from tests.faults.test_outages import RedisServer
-from tests.helpers import Proc, WsClient, free_port, start_beat, start_gunicorn, start_worker, wait_for
-from tests.services.test_federated import fetch_model, submit, upload, wait_status
+from tests.conftest import rows
+from tests.faults.stack import Topology, aggregation_started, finish, hold_next_round, take
+from tests.helpers import WsClient, wait_for
+from tests.services.test_federated import submit, wait_status
 from workers import federated
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-
-class Topology:
-    """gunicorn, workers and beats on a Redis of our own; killed and restarted by the tests."""
-
-    def __init__(self, mysql_url: str, run_dir: Path, **settings: str) -> None:
-        self.run_dir = run_dir
-        self.broker = RedisServer(free_port(), run_dir)
-        self.broker.start()
-        self.env = service_env(
-            run_dir,
-            DATABASE_URL=mysql_url,
-            REDIS_URL=f"redis://127.0.0.1:{self.broker.port}/0",
-            SWEEP_INTERVAL="1",
-            **settings,
-        )
-        self.procs: list[Proc] = []
-        self.closing: list[Any] = []  # database connections holding locks, closed first
-        self.port = free_port()
-        self.procs.append(start_gunicorn(self.env, self.port, run_dir / "procs", workers=1))
-
-    def worker(self, name: str) -> Proc:
-        proc = start_worker(self.env, self.run_dir / "procs", name=name, concurrency=1)
-        self.procs.append(proc)
-        return proc
-
-    def beat(self, name: str) -> Proc:
-        # each beat keeps its own schedule file (DATA_DIR), as two hosts would
-        env = {**self.env, "DATA_DIR": str(self.run_dir / name)}
-        proc = start_beat(env, self.run_dir / name)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for conn in self.closing:
-            if conn.open:
-                conn.close()  # a failed test must not leave its lock behind for the next
-        for proc in self.procs:
-            proc.stop()
-        self.broker.kill()
 
 
 @pytest.fixture
@@ -75,43 +33,16 @@ def topology(mysql_url: str, tmp_path: Path) -> Iterator[Topology]:
     made.close()
 
 
-def hold_next_round(mysql_url: str, task_id: int, round_no: int) -> pymysql.Connection:  # type: ignore[type-arg]
-    """A transaction whose gap lock keeps anyone from creating round ``round_no`` of the task."""
-    conn = mysql_connect(mysql_url.rsplit("/", 1)[1])
-    conn.begin()
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT id FROM task_rounds WHERE task_id = %s AND `round` = %s FOR UPDATE", (task_id, round_no)
-        )
-        assert cur.fetchall() == ()
-    return conn
-
-
 def lock_waits(db: Database) -> int:
     return int(
         rows(db, "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'")[0][0]
     )
 
 
-def take(c: WsClient) -> dict[str, Any]:
-    c.request_task()
-    return c.next_task(timeout=30)
-
-
-def finish(port: int, c: WsClient, task: dict[str, Any]) -> None:
-    """Upload the global model unchanged as the update, and report the shard done."""
-    assert upload(port, c, task, save_np(fetch_model(port, c, task)))[0] == 201
-    c.result(task, train_loss=0.5)
-
-
 def train_round(port: int, c: WsClient) -> dict[str, Any]:
     task = take(c)
     finish(port, c, task)
     return task
-
-
-def aggregation_started(proc: Proc, task_id: int, round_no: int) -> int:
-    return proc.output().count(f"event=aggregation_started task={task_id} round={round_no} ")
 
 
 def test_a_worker_killed_mid_aggregation_leaves_the_round_to_another_within_the_lease(

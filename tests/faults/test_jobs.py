@@ -8,107 +8,31 @@ lock the test takes, and checked to be waiting on it, before the duplicates are 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from celery import Celery
-from safetensors.numpy import save as save_np
 from sqlalchemy import text
 
 from store.blobs import BlobStore
 from store.db import Database
-from tests.conftest import mysql_connect, rows, service_env
-from tests.faults.test_outages import PREPARE, RedisServer, RowLock, new_task, running
+from tests.conftest import mysql_connect, rows
+from tests.faults.stack import Topology, aggregation_started, finish, take
+from tests.faults.test_outages import PREPARE, RowLock, new_task, running
 from tests.helpers import (
     Proc,
     WsClient,
-    free_port,
     request,
-    start_beat,
-    start_gunicorn,
-    start_worker,
     wait_for,
 )
-from tests.services.test_federated import fetch_model, submit, upload, wait_status
+from tests.services.test_federated import submit, wait_status
 from workers import recovery
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-
-class Topology:
-    """gunicorn on a Redis of our own; each test starts the workers and the beat it needs."""
-
-    def __init__(self, mysql_url: str, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.broker = RedisServer(free_port(), run_dir)
-        self.broker.start()
-        self.env = service_env(
-            run_dir,
-            DATABASE_URL=mysql_url,
-            REDIS_URL=f"redis://127.0.0.1:{self.broker.port}/0",
-            SWEEP_INTERVAL="1",
-            SCHEDULE_INTERVAL="3600",
-            CONNECTION_TIMEOUT="3600",
-            DB_TIMEOUT="60",  # a job waits on a test's lock instead of timing out and retrying
-        )
-        self.port = free_port()
-        self.web = start_gunicorn(self.env, self.port, run_dir / "procs", workers=1)
-        self.procs: list[Proc] = []
-
-    def worker(self, name: str, concurrency: int = 1, queues: str | None = None, **env: str) -> Proc:
-        if queues is None:
-            proc = start_worker(
-                {**self.env, **env}, self.run_dir / "procs", name=name, concurrency=concurrency
-            )
-        else:  # as launch.start_worker, consuming only ``queues``
-            args = ["-m", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency",
-                    str(concurrency), "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
-                    "-Q", queues]  # fmt: skip
-            proc = Proc(
-                name, [sys.executable, *args], {"REMAP_SIGTERM": "SIGQUIT", **self.env, **env}, self.run_dir
-            )
-            wait_for(lambda: "ready." in proc.output() or not proc.alive(), 60, what="celery worker ready")
-            assert proc.alive(), proc.output()
-        self.procs.append(proc)
-        return proc
-
-    def beat(self) -> Proc:
-        proc = start_beat(self.env, self.run_dir / "procs")
-        self.procs.append(proc)
-        return proc
-
-    def queued(self, queue: str) -> list[str]:
-        client = redis.Redis(port=self.broker.port)
-        return [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
-
-    def flush(self) -> None:
-        redis.Redis(port=self.broker.port).flushall()
-
-    def send(self, name: str, *args: Any) -> None:
-        producer = Celery("jobs-test", broker=self.env["REDIS_URL"])
-        producer.conf.update(task_serializer="json", accept_content=["json"])
-        try:
-            producer.send_task(name, args=list(args), queue="aggregation" if "aggregate" in name else None)
-        finally:
-            producer.close()
-
-    def stop_workers(self) -> None:
-        for proc in self.procs:
-            proc.stop()
-        self.procs.clear()
-
-    def close(self) -> None:
-        self.stop_workers()
-        self.web.stop()
-        self.broker.kill()
 
 
 @pytest.fixture(scope="module")
@@ -124,21 +48,6 @@ def stack(topology: Topology) -> Iterator[Topology]:
     topology.stop_workers()
 
 
-def take(port: int, c: WsClient) -> dict[str, Any]:
-    c.request_task()
-    return c.next_task(timeout=30)
-
-
-def finish(port: int, c: WsClient, task: dict[str, Any]) -> None:
-    """Upload the round's global model unchanged as the update, and report the shard done."""
-    assert upload(port, c, task, save_np(fetch_model(port, c, task)))[0] == 201
-    c.result(task, train_loss=0.5)
-
-
-def started(proc: Proc, task_id: int, round_no: int) -> int:
-    return proc.output().count(f"event=aggregation_started task={task_id} round={round_no} ")
-
-
 def rounds(db: Database, task_id: int) -> list[tuple[Any, ...]]:
     return rows(db, "SELECT round, status FROM task_rounds WHERE task_id = :t ORDER BY round, id", t=task_id)
 
@@ -152,7 +61,7 @@ def test_a_lost_advance_task_is_redriven_by_the_sweep(stack: Topology, db: Datab
     try:
         status, task = request(stack.port, "POST", "/api/tasks", {"type": "echo"})
         assert status == 201
-        got = take(stack.port, client)
+        got = take(client)
         stack.stop_workers()  # nobody consumes: the result's advance_task waits in the queue
         client.result(got, score=0.75)
         wait_for(lambda: "workers.tasks.advance_task" in stack.queued("celery"), what="advance_task queued")
@@ -184,7 +93,7 @@ def test_a_lost_aggregate_round_is_redriven_by_the_sweep(stack: Topology, db: Da
     volunteer = WsClient(stack.port).register(task_types=["federated_training"])
     try:
         task = submit(stack.port, num_shards=1, rounds=1)
-        finish(stack.port, volunteer, take(stack.port, volunteer))
+        finish(stack.port, volunteer, take(volunteer))
         wait_for(
             lambda: stack.queued("aggregation") == ["workers.tasks.aggregate_round"],
             30,
@@ -200,7 +109,7 @@ def test_a_lost_aggregate_round_is_redriven_by_the_sweep(stack: Topology, db: Da
         done = wait_status(stack.port, task["id"], "completed", timeout=40)
     finally:
         volunteer.close()
-    assert started(aggregator, task["id"], 0) == 1
+    assert aggregation_started(aggregator, task["id"], 0) == 1
     assert [r["round"] for r in done["result"]["rounds"]] == [0]
     assert rounds(db, task["id"]) == [(0, "done")]
     assert re.search(r"task=sweep state=finish .*advanced=1", aggregator.output())
@@ -221,7 +130,7 @@ def test_duplicate_aggregate_round_jobs_commit_the_round_once(
     gap = mysql_connect(mysql_url.rsplit("/", 1)[1])
     try:
         task = submit(stack.port, num_shards=1, rounds=2)
-        shard = take(stack.port, volunteer)  # round 0 exists; round 1's place is locked below
+        shard = take(volunteer)  # round 0 exists; round 1's place is locked below
         gap.begin()
         with gap.cursor() as cur:
             cur.execute(
@@ -232,7 +141,7 @@ def test_duplicate_aggregate_round_jobs_commit_the_round_once(
         wait_for(
             lambda: running(database, "INSERT INTO task_rounds%"), 30, what="the aggregation in its commit"
         )
-        assert started(worker, task["id"], 0) == 1
+        assert aggregation_started(worker, task["id"], 0) == 1
         for _ in range(2):
             stack.send("workers.tasks.aggregate_round", task["id"], 0)
         wait_for(
@@ -246,7 +155,7 @@ def test_duplicate_aggregate_round_jobs_commit_the_round_once(
     finally:
         gap.close()
         volunteer.close()
-    assert started(worker, task["id"], 0) == 1
+    assert aggregation_started(worker, task["id"], 0) == 1
     assert rounds(db, task["id"]) == [(0, "done"), (1, "training")]
     updates = rows(
         db, "SELECT JSON_VALUE(metrics, '$.updates') FROM task_rounds WHERE task_id = :t", t=task["id"]
@@ -275,7 +184,7 @@ def test_an_aggregate_round_that_finds_a_live_lease_retries_later_and_runs_once(
     lock = None
     try:
         task = submit(stack.port, num_shards=1, rounds=1)
-        finish(stack.port, volunteer, take(stack.port, volunteer))
+        finish(stack.port, volunteer, take(volunteer))
         wait_for(
             lambda: stack.queued("aggregation") == ["workers.tasks.aggregate_round"],
             30,
@@ -301,13 +210,13 @@ def test_an_aggregate_round_that_finds_a_live_lease_retries_later_and_runs_once(
             30,
             what="the job deferred to the live lease",
         )
-        assert started(aggregator, task["id"], 0) == 0
+        assert aggregation_started(aggregator, task["id"], 0) == 0
         done = wait_status(stack.port, task["id"], "completed", timeout=40)
     finally:
         if lock is not None:
             lock.close()
         volunteer.close()
-    assert started(aggregator, task["id"], 0) == 1
+    assert aggregation_started(aggregator, task["id"], 0) == 1
     assert [r["round"] for r in done["result"]["rounds"]] == [0]
     assert rounds(db, task["id"]) == [(0, "done")]
 
@@ -326,7 +235,8 @@ def test_the_sweep_finds_the_folders_of_deleted_tasks_only(db: Database, tmp_pat
         (tmp_path / "tasks" / name / "round-00000").mkdir(parents=True)
         if name != str(fresh):  # fresh: just written, maybe a new task reusing an id (SQLite)
             os.utime(tmp_path / "tasks" / name, (long_ago, long_ago))
-    assert recovery.orphan_task_dirs(db, store, time.time(), limit=10) == [deleted]
-    assert recovery.orphan_task_dirs(db, store, time.time() + 60, limit=10) == [deleted, fresh]
-    assert recovery.orphan_task_dirs(db, store, time.time() + 60, limit=1) == [deleted]
-    assert recovery.orphan_task_dirs(db, BlobStore(tmp_path / "empty"), time.time(), limit=10) == []
+    now, later = time.time(), time.time() + 60  # the sweep's clock, injected
+    assert recovery.orphan_task_dirs(db, store, now, limit=10) == [deleted]
+    assert recovery.orphan_task_dirs(db, store, later, limit=10) == [deleted, fresh]
+    assert recovery.orphan_task_dirs(db, store, later, limit=1) == [deleted]
+    assert recovery.orphan_task_dirs(db, BlobStore(tmp_path / "empty"), now, limit=10) == []
