@@ -245,7 +245,7 @@ def main() -> int:
     )
     print(
         f"| final test accuracy | {calm['accuracy']:.4f} | {churned['accuracy']:.4f} "
-        f"(**{gap:+.2f}** points below calm; goal within 1) | {central['test_accuracy']:.4f} |"
+        f"(**{-gap:+.2f}** points against calm; goal within 1) | {central['test_accuracy']:.4f} |"
     )
     print(f"| final test loss | {calm['test_loss']:.4f} | {churned['test_loss']:.4f} | |")
     print(f"| final model differs from calm | | {churned['model_sha256'] != calm['model_sha256']} | |")

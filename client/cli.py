@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         device = _select_device(args.device)
         from client.federated import make_runner
+        from training import warm_up
+
+        warm_up(device)  # before asking for work: a cold first shard would hold its round up
 
         state_path = args.state.expanduser()
         identity = state.load(state_path)

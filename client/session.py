@@ -188,6 +188,8 @@ class Session:
         self._finished: OrderedDict[TaskKey, dict[str, Any]] = OrderedDict()
         self._produced: set[TaskKey] = set()  # results made (counted against max_tasks)
         self._sent: set[TaskKey] = set()  # results written to a socket at least once
+        self._connection = 0  # counts connections (registrations begun)
+        self._sent_on: dict[TaskKey, int] = {}  # the connection a result was last written on
         self._recent: deque[tuple[float, dict[str, Any]]] = deque()
         self._resend: list[dict[str, Any]] = []
         self._last_progress: dict[TaskKey, float] = {}
@@ -209,6 +211,7 @@ class Session:
                 message["token"] = self.identity.token
             self._registering_with_saved = self.identity is not None
             self.registered = False
+            self._connection += 1
             return message
 
     def on_disconnected(self) -> None:
@@ -238,6 +241,7 @@ class Session:
         with self._lock:
             if message.get("type") == "task_result":
                 self._sent.add(message["_key"])
+                self._sent_on[message["_key"]] = self._connection
                 now = self.clock()
                 self._recent.append((now, message))
                 while self._recent and now - self._recent[0][0] > RESULT_RETRY_WINDOW:
@@ -346,6 +350,10 @@ class Session:
             elif finished is not None:
                 if any(m is finished for m in self._outbox):
                     log.info("%s: already finished; its result is about to be sent", assignment.label)
+                elif self._sent_on.get(key) == self._connection:
+                    # Offered as we sent the result, on the same ordered socket: the offer
+                    # crossed it (a transient refusal comes back as an error and is resent).
+                    log.info("%s: already finished; its result went out on this connection", assignment.label)
                 else:
                     log.info("%s: already finished; sending its result again", assignment.label)
                     self._outbox.append(finished)

@@ -28,6 +28,7 @@ _EXPORTS = {
     "evaluate": "training.loop",
     "resolve_device": "training.loop",
     "train_centralized": "training.loop",
+    "warm_up": "training.loop",
     "train_local": "training.loop",
 }
 
@@ -47,11 +48,19 @@ __all__ = [
     "state_to_bytes",
     "train_centralized",
     "train_local",
+    "warm_up",
 ]
 
 if TYPE_CHECKING:
     from training.data import Split, derive_seed, load_split, partition, shard_data, shard_indices, shard_size
-    from training.loop import TrainingStopped, evaluate, resolve_device, train_centralized, train_local
+    from training.loop import (
+        TrainingStopped,
+        evaluate,
+        resolve_device,
+        train_centralized,
+        train_local,
+        warm_up,
+    )
     from training.models import build_model
     from training.serialize import state_from_bytes, state_to_bytes
 

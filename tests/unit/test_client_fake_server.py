@@ -89,6 +89,7 @@ class FakeFarm:
             Callable[[FakeFarm, Callable[[dict[str, Any]], None], dict[str, Any]], None] | None
         ) = None
         self.close_after_assign_once = False
+        self.model_unavailable: set[int] = set()  # task ids whose model answers 503 (retried)
         self.app = self._build_app()
 
     # --- HTTP ---
@@ -110,6 +111,8 @@ class FakeFarm:
         def model(task_id: int, round_no: int) -> Response:
             if self._auth() is None:
                 return Response(json.dumps({"error": "unauthorized", "message": "who?"}), status=401)
+            if task_id in self.model_unavailable:
+                return Response(json.dumps({"error": "unavailable", "message": "later"}), status=503)
             checksum = hashlib.sha256(self.model).hexdigest()
             if self.bad_checksum:
                 checksum = "0" * 64
@@ -378,6 +381,7 @@ def test_dropped_connection_resumes_the_same_assignment(
 
 def test_stop_drops_the_task_and_asks_for_more(tmp_path: Path, serve: Callable[[FakeFarm], Running]) -> None:
     farm = FakeFarm([assignment(6, 0, 0), assignment(7, 0, 0)])
+    farm.model_unavailable.add(6)  # task 6 is still downloading (retrying) when its stop comes
 
     def stop_first(farm: FakeFarm, send: Callable[[dict[str, Any]], None], data: dict[str, Any]) -> None:
         if data["id"] == 6:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from training.data import shard_size
+from training.datasets import DATASETS
 from training.loop import TrainingStopped, evaluate, fedprox_mu, resolve_device, train_local
 from training.models import build_model
 from training.serialize import state_from_bytes, state_to_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
     "model": "mlp",
@@ -248,3 +254,14 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_warm_up_loads_the_datasets_and_steps_an_optimizer() -> None:
+    """In a fresh process: after warm_up the first shard pays no import (the client calls it
+    before it registers)."""
+    code = (
+        "import sys\nfrom training import warm_up\nfrom training.data import _dataset_arrays\n"
+        "warm_up('cpu')\nprint(_dataset_arrays.cache_info().currsize, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(len(DATASETS)), "True"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,17 @@ def test_datasets_have_the_declared_shape(dataset: str) -> None:
 
 
 def test_digits_is_the_bundled_scikit_learn_set() -> None:
+    from sklearn.datasets import load_digits
+
     x, y = get_dataset("digits").load()
     assert x.shape == (1797, 1, 8, 8)
     assert len(set(y.tolist())) == 10
+    reference = load_digits()  # read without scikit-learn, the same arrays bit for bit
+    assert np.array_equal(x, (reference.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8))
+    assert np.array_equal(y, reference.target.astype(np.int64))
+
+
+def test_loading_the_digits_does_not_import_scikit_learn() -> None:
+    code = "import sys\nfrom training.datasets import digits\ndigits.load()\nprint('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
