@@ -1,4 +1,4 @@
-"""Celery settings, from the environment (see config.py). Every beat entry lives here.
+"""Celery settings, from the environment (see server_settings.py). Every beat entry lives here.
 
 Production: ``REDIS_URL`` is the broker and the result backend. Embedded (no ``REDIS_URL``):
 an in-memory broker inside the web process, served by an in-process worker and beat.
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from kombu import Queue
 
-import config
+import server_settings
 
-_settings = config.load()
+_settings = server_settings.load()
 
 broker_url = _settings.broker_url
 # Results are only read by chords (sliced aggregation); everything else ignores them.

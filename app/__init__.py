@@ -15,7 +15,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_sock import Sock
 
-import config
+import server_settings
 from app import api, dashboard, errors, models_api, openapi
 from app.hub import Hub
 from app.ws import Connection
@@ -27,8 +27,8 @@ access_log = logging.getLogger("aifarm.access")
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app. ``test_config`` overrides settings by name (tests use it)."""
-    settings = config.load(**(test_config or {}))
-    config.setup_logging(settings)
+    settings = server_settings.load(**(test_config or {}))
+    server_settings.setup_logging(settings)
 
     app = Flask(__name__)
     app.config["SETTINGS"] = settings

@@ -23,7 +23,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
-import config  # noqa: E402
+import server_settings  # noqa: E402
 from store import schema  # noqa: E402
 from store.auth import bootstrap_admin_token, create_admin_token  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -43,7 +43,7 @@ REQUESTS_GRACE = 2.0
 WORKER_GRACE = 3.0
 
 
-def init_db(settings: config.Settings) -> None:
+def init_db(settings: server_settings.Settings) -> None:
     db = Database(settings.database_url)
     if db.is_mysql:
         from sqlalchemy import create_engine
@@ -68,7 +68,7 @@ def init_db(settings: config.Settings) -> None:
     print(f"database ready: {db.engine.url.render_as_string(hide_password=True)}")
 
 
-def print_bootstrap_token(settings: config.Settings) -> None:
+def print_bootstrap_token(settings: server_settings.Settings) -> None:
     db = Database(settings.database_url)
     if db.is_sqlite:
         db.create_all()
@@ -78,7 +78,7 @@ def print_bootstrap_token(settings: config.Settings) -> None:
         print(f"ADMIN TOKEN (shown once, stored hashed): {token}", flush=True)
 
 
-def serve(settings: config.Settings) -> None:
+def serve(settings: server_settings.Settings) -> None:
     import gevent
     from gevent.event import Event
     from gevent.pool import Pool
@@ -143,7 +143,7 @@ def shutdown(server: WSGIServer, hub: Hub, stop_worker: Callable[[float], None] 
 
 
 def main(argv: list[str]) -> int:
-    settings = config.load()
+    settings = server_settings.load()
     command = argv[0] if argv else "serve"
     if command == "serve":
         serve(settings)

@@ -13,8 +13,7 @@ from app import jobs, validation
 from app.auth import admin_required, db
 from app.errors import ApiError
 from store import clients as client_store
-from store import reliability
-from store import tasks as task_store
+from store import reliability, task_admin
 from store.db import Unavailable
 from store.models import OPEN_ASSIGNMENT, Client, Task, TaskAssignment, TaskRound, utcnow
 
@@ -101,7 +100,7 @@ def list_tasks() -> Response:
     task_type = request.args.get("type") or None
     page, per_page = validation.page_args()
     items, total = db().run(
-        lambda s: task_store.page(s, status=status, type=task_type, page_no=page, per_page=per_page)
+        lambda s: task_admin.page(s, status=status, type=task_type, page_no=page, per_page=per_page)
     )
     return paged([task_json(t) for t in items], total, page, per_page)
 
@@ -111,7 +110,7 @@ def list_tasks() -> Response:
 def create_task() -> tuple[Response, int, dict[str, str]]:
     fields = validation.new_task(validation.json_object(), current_app.config["SETTINGS"])
     require_broker()
-    task = db().run(lambda s: task_store.create(s, now=utcnow(), **fields))
+    task = db().run(lambda s: task_admin.create(s, now=utcnow(), **fields))
     jobs.enqueue("workers.tasks.prepare_task", task.id)
     current_app.logger.info(
         "event=task_created task=%d type=%s shards=%d", task.id, task.type, task.num_shards
@@ -124,7 +123,7 @@ def _task_detail(s: Session, task_id: int) -> dict[str, Any] | None:
     if task is None:
         return None
     out = task_json(task)
-    out["shards"] = task_store.open_counts(s, task_id)
+    out["shards"] = task_admin.open_counts(s, task_id)
     recent = s.execute(
         select(TaskAssignment)
         .where(TaskAssignment.task_id == task_id)
@@ -159,10 +158,10 @@ def set_task_status(task_id: int) -> Response:
         raise ApiError(400, f"status must be one of {', '.join(validation.TASK_STATUS_TARGETS)}")
     require_broker()
     try:
-        task, notify = db().run(lambda s: task_store.set_status(s, task_id, target, utcnow()))
+        task, notify = db().run(lambda s: task_admin.set_status(s, task_id, target, utcnow()))
     except KeyError:
         raise ApiError(404, f"no task {task_id}") from None
-    except task_store.IllegalTransition as error:
+    except task_admin.IllegalTransition as error:
         raise ApiError(409, str(error)) from None
     _after_status_change(task.id, task.status, notify)
     return jsonify(task_json(task))
@@ -183,13 +182,13 @@ def delete_task(task_id: int) -> Response:
     """Stop the task (its holders are told), then delete it and its files."""
     require_broker()
     try:
-        task, notify = db().run(lambda s: task_store.set_status(s, task_id, "stopped", utcnow()))
+        task, notify = db().run(lambda s: task_admin.set_status(s, task_id, "stopped", utcnow()))
         _after_status_change(task.id, task.status, notify)
     except KeyError:
         raise ApiError(404, f"no task {task_id}") from None
-    except task_store.IllegalTransition:
+    except task_admin.IllegalTransition:
         pass  # already final: nothing to stop
-    db().run(lambda s: task_store.delete_task(s, task_id))
+    db().run(lambda s: task_admin.delete_task(s, task_id))
     jobs.enqueue("workers.tasks.purge_task_files", task_id)
     current_app.logger.info("event=task_deleted task=%d", task_id)
     return jsonify({"deleted": task_id})

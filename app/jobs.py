@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-import config
+import server_settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def request_schedule() -> None:
 
 def broker_ok(max_age: float = 1.0) -> bool:
     """Whether the broker answers (cached for ``max_age`` seconds). Always true when embedded."""
-    settings = config.load()
+    settings = server_settings.load()
     if settings.embedded:
         return True
     now = time.monotonic()

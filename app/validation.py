@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import request
 
-import config
+import server_settings
 from app.errors import ApiError
 from store.models import CLIENT_STATUSES, FEDERATED, TASK_STATUSES
 from training.spec import SpecError, normalize_federated_config, optional_seconds
@@ -67,7 +67,7 @@ def requirements(raw: Any) -> dict[str, Any]:
     return out
 
 
-def new_task(body: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
+def new_task(body: dict[str, Any], settings: server_settings.Settings) -> dict[str, Any]:
     """Validate a POST /api/tasks body; returns the fields of the new task."""
     unknown = sorted(set(body) - {"type", "requirements", "priority", "config"})
     if unknown:

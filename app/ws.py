@@ -17,7 +17,7 @@ from typing import Any
 
 from simple_websocket import ConnectionClosed
 
-import config
+import server_settings
 from app import jobs, protocol
 from app.hub import Hub
 from app.protocol import ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
@@ -33,7 +33,9 @@ CLOSE_POLICY = 1008
 
 
 class Connection:
-    def __init__(self, ws: Any, hub: Hub, db: Database, settings: config.Settings, remote: str) -> None:
+    def __init__(
+        self, ws: Any, hub: Hub, db: Database, settings: server_settings.Settings, remote: str
+    ) -> None:
         self.ws = ws
         self.hub = hub
         self.db = db

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # first: bench/aggregation.py would shadow the ag
 import torch  # noqa: E402
 
 import aggregation  # noqa: E402
-import config as server_config  # noqa: E402
+import server_settings  # noqa: E402
 from launch import digits_config  # noqa: E402
 from training import (  # noqa: E402
     build_model,
@@ -67,7 +67,7 @@ def round_seed(cfg: dict[str, Any], round_no: int) -> int:
 
 def task_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The task as the server stores it after a submission (``app.validation``)."""
-    settings = server_config.Settings()
+    settings = server_settings.Settings()
     raw = {**digits_config(args.rounds, args.clients), **args.overrides, "seed": seed}
     return normalize_federated_config(
         raw, default_batch_size=settings.DEFAULT_BATCH_SIZE, default_epochs=settings.DEFAULT_EPOCHS
@@ -76,7 +76,7 @@ def task_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 def federated(cfg: dict[str, Any], workdir: Path) -> list[float]:
     """Test accuracy of the global model after each round."""
-    settings = server_config.Settings()
+    settings = server_settings.Settings()
     strategy = aggregation.build_strategy(cfg["strategy"], cfg["strategy_params"])
     global_path = workdir / "global-0.safetensors"
     global_path.write_bytes(state_to_bytes(build_model(cfg).state_dict()))

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-import config
+import server_settings
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def get_bus() -> Bus:
     if _bus is None:
         with _lock:
             if _bus is None:
-                settings = config.load()
+                settings = server_settings.load()
                 _bus = RedisBus(settings.REDIS_URL) if settings.REDIS_URL else LocalBus()
     return _bus
 

@@ -19,7 +19,7 @@ from sqlalchemy import CursorResult, Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
-import config
+import server_settings
 from store.models import Base
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def get_db() -> Database:
     if _db is None:
         with _lock:
             if _db is None:
-                settings = config.load()
+                settings = server_settings.load()
                 _db = Database(
                     settings.database_url, pool_size=settings.DB_POOL_SIZE, timeout=settings.DB_TIMEOUT
                 )

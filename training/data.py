@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from training.config import resolve
 from training.datasets import get_dataset
 from training.partitions import get_partition
+from training.task_config import resolve
 
 TEST_FRACTION = 0.2
 STD_FLOOR = 0.1

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import resolve
 from training.data import derive_seed, load_split, shard_data
 from training.models import build_model
+from training.task_config import resolve
 
 ProgressFn = Callable[[float, dict[str, float]], None]
 """``on_progress(progress, metrics)``: progress in 0..100, metrics ``loss``, ``accuracy``, ``epoch``."""

@@ -35,9 +35,9 @@ def _log_to_log_dir(loglevel: int | str | None = None, **_: Any) -> None:
 
     The root level is LOG_LEVEL or ``--loglevel``, whichever is more verbose: a worker started
     with ``--loglevel INFO`` still says ``ready.`` on its console when LOG_LEVEL is WARNING."""
-    import config
+    import server_settings
 
-    config.setup_logging(config.load())
+    server_settings.setup_logging(server_settings.load())
     if loglevel is not None:
         asked = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
         root = logging.getLogger()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import config
+import server_settings
 from store.models import FEDERATED
 from training.spec import TRAIN_SIZES
 
@@ -23,7 +23,10 @@ def shard_examples(task_config: Mapping[str, Any]) -> float:
 
 
 def deadline_seconds(
-    task_type: str, task_config: Mapping[str, Any], throughput: float | None, settings: config.Settings
+    task_type: str,
+    task_config: Mapping[str, Any],
+    throughput: float | None,
+    settings: server_settings.Settings,
 ) -> float:
     """Seconds a client has for one assignment of this task."""
     given = task_config.get("deadline_s")

@@ -15,13 +15,13 @@ from pathlib import Path
 from celery.beat import EmbeddedService
 from celery.worker import WorkController
 
-import config
+import server_settings
 from workers import celery
 
 log = logging.getLogger(__name__)
 
 
-def start(settings: config.Settings) -> Callable[[float], None]:
+def start(settings: server_settings.Settings) -> Callable[[float], None]:
     """Start the worker and beat in background threads; returns ``stop(timeout)``, which stops
     both (not from a signal handler: it waits)."""
     Path(settings.DATA_DIR).mkdir(parents=True, exist_ok=True)

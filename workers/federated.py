@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-import config
+import server_settings
 from store import blobs as paths
 from store.blobs import BlobStore
 from store.db import Database, affected
@@ -93,7 +93,7 @@ def round_seed(config_: dict[str, Any], round_no: int) -> int:
     return int(config_.get("seed", 0)) * 1_000_003 + round_no
 
 
-def prepare(db: Database, blobs: BlobStore, task_id: int, settings: config.Settings) -> bool:
+def prepare(db: Database, blobs: BlobStore, task_id: int, settings: server_settings.Settings) -> bool:
     """Write the round-0 global model (seeded from the config) and queue round 0's shards."""
     from training import build_model, state_to_bytes
 
@@ -275,7 +275,7 @@ def renew_lease(db: Database, task_id: int, round_no: int) -> bool:
 
 
 @contextmanager
-def lease_kept(db: Database, job: Job, settings: config.Settings) -> Iterator[None]:
+def lease_kept(db: Database, job: Job, settings: server_settings.Settings) -> Iterator[None]:
     """Renew the round's lease every third of AGGREGATION_LEASE while the block runs."""
     every = settings.AGGREGATION_LEASE / 3
     done = threading.Event()
@@ -296,7 +296,7 @@ def lease_kept(db: Database, job: Job, settings: config.Settings) -> Iterator[No
         keeper.join(timeout=every)
 
 
-def take(db: Database, task_id: int, round_no: int, settings: config.Settings) -> Job | None:
+def take(db: Database, task_id: int, round_no: int, settings: server_settings.Settings) -> Job | None:
     """Take the round's lease and read its inputs; None when there is nothing to do.
     Raises LeaseHeld when another job holds a live lease. Keep the lease (:func:`lease_kept`)
     until the round is planned and run."""
@@ -309,7 +309,7 @@ def take(db: Database, task_id: int, round_no: int, settings: config.Settings) -
     return job
 
 
-def plan(blobs: BlobStore, job: Job, settings: config.Settings) -> Job:
+def plan(blobs: BlobStore, job: Job, settings: server_settings.Settings) -> Job:
     """Plan the round's aggregation with the library (headers checked, slices cut)."""
     from training import shard_size
 
@@ -407,7 +407,9 @@ class NextModel:
     final: bool  # the task's last round
 
 
-def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job, result: RoundResult) -> str:
+def complete(
+    db: Database, blobs: BlobStore, settings: server_settings.Settings, job: Job, result: RoundResult
+) -> str:
     """Evaluate, write the next global model, and commit the round; returns what happened.
 
     ``noop`` (committed already), ``next_round``, ``completed`` or ``failed``.
@@ -442,7 +444,7 @@ def complete(db: Database, blobs: BlobStore, settings: config.Settings, job: Job
 
 
 def _write_next_model(
-    blobs: BlobStore, settings: config.Settings, job: Job, result: RoundResult
+    blobs: BlobStore, settings: server_settings.Settings, job: Job, result: RoundResult
 ) -> NextModel:
     from training import state_to_bytes
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-import config
+import server_settings
 from store.blobs import BlobStore
 from store.bus import SCHEDULE_PENDING, get_bus
 from store.db import Database
@@ -40,7 +40,7 @@ SETTLE_S = 5.0  # a task folder written to this recently is left alone (see orph
 CHUNK = 1000  # task ids per query
 
 
-def reconcile(db: Database, store: BlobStore, settings: config.Settings) -> dict[str, int]:
+def reconcile(db: Database, store: BlobStore, settings: server_settings.Settings) -> dict[str, int]:
     """Re-drive what a lost message left behind (the jobs are sent by name); returns counts."""
     from workers.tasks import purge_task_files, schedule
 

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import Select, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-import config
+import server_settings
 from store.db import affected
 from store.models import OPEN_ASSIGNMENT, TIMED_OUT, Client, Task, TaskAssignment, TaskShard
 from store.reliability import quota, score
@@ -41,7 +41,7 @@ from workers.deadlines import deadline_seconds
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = config.Settings()  # deadlines when a caller passes no settings (tests)
+DEFAULTS = server_settings.Settings()  # deadlines when a caller passes no settings (tests)
 
 
 def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
@@ -91,7 +91,7 @@ def fill_client(
     *,
     max_tasks: int,
     skip_locked: bool,
-    settings: config.Settings = DEFAULTS,
+    settings: server_settings.Settings = DEFAULTS,
 ) -> list[int]:
     """Give a waiting client as much fitting work as it asked for and may hold; returns the
     new assignment ids.
@@ -249,7 +249,7 @@ def serve_batch(
     batch: int,
     max_tasks: int,
     skip_locked: bool,
-    settings: config.Settings = DEFAULTS,
+    settings: server_settings.Settings = DEFAULTS,
 ) -> Served:
     """Serve up to ``batch`` waiting clients in one transaction (see the module doc).
 
@@ -321,7 +321,7 @@ def serve_batch(
 
 
 def write_assignments(
-    s: Session, pairs: Sequence[tuple[str, Any]], now: datetime, settings: config.Settings = DEFAULTS
+    s: Session, pairs: Sequence[tuple[str, Any]], now: datetime, settings: server_settings.Settings = DEFAULTS
 ) -> list[int]:
     """Record (client id, shard) pairs as assignments, each with its deadline: one INSERT, the
     shards marked assigned, and their tasks started. Returns the assignment ids in order."""

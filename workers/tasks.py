@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-import config
+import server_settings
 from store import assignments
 from store import clients as client_store
 from store.blobs import BlobStore, task_dir
@@ -41,8 +41,8 @@ RETRY: dict[str, Any] = {
 
 
 @cache
-def settings() -> config.Settings:
-    return config.load()
+def settings() -> server_settings.Settings:
+    return server_settings.load()
 
 
 def blobs() -> BlobStore:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-import config
+import server_settings
 from store.db import Database
 from store.models import FEDERATED, Task, TaskAssignment, TaskRound, utcnow
 from tests.conftest import rows
@@ -101,7 +101,7 @@ def test_a_live_lease_is_renewed_while_its_aggregation_runs_and_keeps_others_out
     """The lease keeper against MariaDB, with three-second leases: the round stays leased for
     several lease periods while the job runs, every other taker is refused, and once the job
     is gone the lease lapses and the next taker gets the round."""
-    settings = config.Settings(AGGREGATION_LEASE=3)
+    settings = server_settings.Settings(AGGREGATION_LEASE=3)
     now = utcnow()
     with db.session() as s:
         task = Task(

@@ -22,7 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
-from store import tasks as task_store
+from store import task_admin
 from store.db import Database
 from store.models import utcnow
 from tests.conftest import ADMIN_PASSWORD, MYSQL_HOST, MYSQL_PORT, mysql_connect, rows, service_env
@@ -92,7 +92,7 @@ ASSIGN = "INSERT INTO task_assignments%"  # a scheduling run recording an assign
 def new_task(db: Database, shards: int = 1) -> int:
     """An echo task committed without its prepare_task message (a test sends that itself)."""
     return db.run(
-        lambda s: task_store.create(
+        lambda s: task_admin.create(
             s, type="echo", requirements={}, config={"num_shards": shards}, priority=0,
             num_shards=shards, now=utcnow(),
         ).id
@@ -381,7 +381,7 @@ def test_a_broker_outage_refuses_writes_and_the_doorbell_catches_up(
 
         # A write that raced the outage (committed; its doorbell ring lost): the web process
         # reconciles every socket when its doorbell subscription comes back.
-        db.run(lambda s: task_store.set_status(s, held["id"], "paused", utcnow()))
+        db.run(lambda s: task_admin.set_status(s, held["id"], "paused", utcnow()))
         stack.broker.start()  # a fresh, empty Redis: every queued message is gone
         assert holder.expect("pause", timeout=30) == {"type": "pause", "task_id": held["id"]}
 

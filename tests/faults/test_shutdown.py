@@ -19,7 +19,7 @@ import websocket
 from celery import Celery
 
 from launch import start_clients
-from store import tasks as task_store
+from store import task_admin
 from store.db import Database
 from store.models import utcnow
 from tests.conftest import mysql_connect, rows, service_env
@@ -218,7 +218,7 @@ def test_sigterm_of_the_worker_during_a_long_job(
     )
     task_id = db.run(
         lambda s: (
-            task_store.create(
+            task_admin.create(
                 s,
                 type="echo",
                 requirements={},

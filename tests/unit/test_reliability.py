@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import config
+import server_settings
 from store.reliability import quota, quota_after, score
 from training.spec import SpecError, normalize_federated_config, quorum
 from workers.deadlines import deadline_seconds
 
-SETTINGS = config.Settings(
+SETTINGS = server_settings.Settings(
     DEADLINE_DEFAULT=3600, DEADLINE_MIN=60, DEADLINE_MAX=7200, DEADLINE_RATE=50, DEADLINE_SLACK=4
 )
 DIGITS = {"dataset": "digits", "num_shards": 4, "local_epochs": 5}  # 1438 / 4 = 359.5 examples a shard

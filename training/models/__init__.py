@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import resolve
 from training.datasets import get_dataset
 from training.models import cnn, mlp
+from training.task_config import resolve
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 

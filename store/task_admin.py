@@ -1,4 +1,7 @@
-"""Tasks: creation, listing, and the admin's status transitions."""
+"""Tasks as the admin API handles them: submit, list, pause/resume/stop, delete.
+
+The Celery jobs that move tasks along live in ``workers/tasks.py``.
+"""
 
 from __future__ import annotations
 
