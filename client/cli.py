@@ -19,7 +19,8 @@ from client import hardware, state
 from client.backoff import Backoff
 from client.connection import Connection, GaveUp, http_base, ws_url
 from client.progress import TqdmDisplay, make_display
-from client.session import FEDERATED, Fatal, Session
+from client.runner import FEDERATED
+from client.session import ClientSession, Fatal
 
 log = logging.getLogger("aifarm.client")
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level, isinstance(display, TqdmDisplay))
     signal.signal(signal.SIGTERM, _on_sigterm)
 
-    session: Session | None = None
+    session: ClientSession | None = None
     try:
         import torch
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             len(detected["gpu_info"]),
             identity.client_id if identity else "(new)",
         )
-        session = Session(
+        session = ClientSession(
             hardware=detected,
             identity=identity,
             runners={FEDERATED: make_runner(server, device)},

@@ -1,4 +1,4 @@
-"""The WebSocket transport: connect, register, move JSON between the socket and the :class:`Session`.
+"""The WebSocket transport: connect, register, move JSON between the socket and the :class:`ClientSession`.
 
 One thread owns the socket. It reads with a short timeout and, between reads, lets the
 session's timers run and sends what the session queued (task progress and results come from
@@ -19,7 +19,8 @@ from typing import Any
 import websocket
 
 from client.backoff import Backoff
-from client.session import Fatal, Reconnect, Session, to_wire
+from client.outbox import to_wire
+from client.session import ClientSession, Fatal, Reconnect
 
 log = logging.getLogger("aifarm.client")
 
@@ -64,7 +65,7 @@ class Connection:
     def __init__(
         self,
         server: str,
-        session: Session,
+        session: ClientSession,
         *,
         backoff: Backoff | None = None,
         give_up_after: float | None = None,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from client import transfer
-from client.session import Assignment, Runner, TaskControl, TaskDropped
+from client.runner import Assignment, Runner, TaskControl, TaskDropped
 
 log = logging.getLogger("aifarm.client")
 

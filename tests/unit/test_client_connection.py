@@ -13,7 +13,8 @@ import websocket
 
 from client.backoff import Backoff
 from client.connection import Connection, GaveUp
-from client.session import FEDERATED, Assignment, Fatal, Session, TaskControl
+from client.runner import FEDERATED, Assignment, TaskControl
+from client.session import ClientSession, Fatal
 from client.state import Identity
 
 HARDWARE = {"cpu_info": {"cores": 1}, "ram_info": {"total_gb": 1.0}, "gpu_info": []}
@@ -87,11 +88,11 @@ class Clock:
         return self.now
 
 
-def make_session(identity: Identity | None, saved: list[Identity], max_tasks: int = 1) -> Session:
+def make_session(identity: Identity | None, saved: list[Identity], max_tasks: int = 1) -> ClientSession:
     def never(assignment: Assignment, control: TaskControl) -> dict[str, Any]:
         raise AssertionError("no federated task in this script")
 
-    return Session(
+    return ClientSession(
         hardware=HARDWARE,
         identity=identity,
         runners={FEDERATED: never},

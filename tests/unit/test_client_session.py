@@ -9,17 +9,9 @@ from typing import Any
 
 import pytest
 
-from client.session import (
-    FEDERATED,
-    Assignment,
-    Fatal,
-    Reconnect,
-    Session,
-    TaskControl,
-    TaskDropped,
-    _spawn_thread,
-    to_wire,
-)
+from client.outbox import to_wire
+from client.runner import FEDERATED, Assignment, TaskControl, TaskDropped, spawn_thread
+from client.session import ClientSession, Fatal, Reconnect
 from client.state import Identity
 
 HARDWARE = {"cpu_info": {"cores": 2, "model": "test"}, "ram_info": {"total_gb": 4.0}, "gpu_info": []}
@@ -83,7 +75,7 @@ class Harness:
         def forget() -> None:
             self.forgotten += 1
 
-        self.session = Session(
+        self.session = ClientSession(
             hardware=HARDWARE,
             identity=identity,
             runners={FEDERATED: counted},
@@ -91,7 +83,7 @@ class Harness:
             forget_identity=forget,
             max_tasks=max_tasks,
             clock=lambda: self.now,
-            spawn=_spawn_thread if threads else inline,
+            spawn=spawn_thread if threads else inline,
         )
         self.sent: list[dict[str, Any]] = []
 
