@@ -5,6 +5,9 @@
     python -m app init-db         create the tables (schema.sql on MySQL, the models on SQLite)
                                   and add the columns a database of an older version lacks
     python -m app bootstrap-token print a first admin token if none exists (gunicorn runs this)
+    python -m app tasks ...       admin commands over the REST API: submit, list, show, watch,
+    python -m app clients ...     pause, resume, stop tasks; list, disable, enable clients
+                                  (app/admin_cli.py; --help for each)
 
 With no REDIS_URL this is the embedded default: SQLite under DATA_DIR, an in-memory broker,
 and a real Celery worker and beat in this process. With REDIS_URL set it serves the web tier
@@ -24,6 +27,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 import server_settings  # noqa: E402
+from app import admin_cli  # noqa: E402
 from store import schema  # noqa: E402
 from store.auth import bootstrap_admin_token, create_admin_token  # noqa: E402
 from store.db import Database  # noqa: E402
@@ -143,6 +147,8 @@ def shutdown(server: WSGIServer, hub: Hub, stop_worker: Callable[[float], None] 
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in admin_cli.GROUPS:
+        return admin_cli.main(argv)  # a REST client: no server settings, no database
     settings = server_settings.load()
     command = argv[0] if argv else "serve"
     if command == "serve":
