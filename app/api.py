@@ -15,7 +15,8 @@ from app.errors import ApiError
 from store import clients as client_store
 from store import reliability, task_admin
 from store.db import Unavailable
-from store.models import OPEN_ASSIGNMENT, Client, Task, TaskAssignment, TaskRound, utcnow
+from store.models import Client, Task, TaskAssignment, TaskRound, utcnow
+from store.states import OPEN_ASSIGNMENT, TaskState
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -171,7 +172,7 @@ def _after_status_change(task_id: int, status: str, notify: list[str]) -> None:
     from store.bus import get_bus
 
     get_bus().publish(notify)  # holders get pause / resume / stop from their web process
-    if status in ("running", "pending"):
+    if status in (TaskState.RUNNING, TaskState.PENDING):
         jobs.request_schedule()
     current_app.logger.info("event=task_status task=%d status=%s notified=%d", task_id, status, len(notify))
 
@@ -182,7 +183,7 @@ def delete_task(task_id: int) -> Response:
     """Stop the task (its holders are told), then delete it and its files."""
     require_broker()
     try:
-        task, notify = db().run(lambda s: task_admin.set_status(s, task_id, "stopped", utcnow()))
+        task, notify = db().run(lambda s: task_admin.set_status(s, task_id, TaskState.STOPPED, utcnow()))
         _after_status_change(task.id, task.status, notify)
     except KeyError:
         raise ApiError(404, f"no task {task_id}") from None
@@ -281,7 +282,7 @@ def metrics() -> Response:
 
     def counts(s: Session) -> tuple[int, int]:
         active = s.execute(
-            select(func.count()).select_from(Task).where(Task.status == "running")
+            select(func.count()).select_from(Task).where(Task.status == TaskState.RUNNING)
         ).scalar_one()
         connected = s.execute(
             select(func.count()).select_from(Client).where(Client.conn_id.is_not(None))

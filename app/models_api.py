@@ -21,6 +21,7 @@ from store import blobs, reliability, updates
 from store.assignments import NotAssigned, Superseded, UnknownTask
 from store.blobs import BlobStore, Header, InvalidModel, TooLarge
 from store.models import Task, TaskAssignment, TaskRound
+from store.states import TaskState
 
 bp = Blueprint("models", __name__, url_prefix="/api")
 
@@ -84,7 +85,7 @@ def final_model(task_id: int) -> Response:
         task = s.get(Task, task_id)
         if task is None:
             return None
-        sha = (task.result or {}).get("model_sha256") if task.status == "completed" else None
+        sha = (task.result or {}).get("model_sha256") if task.status == TaskState.COMPLETED else None
         return task.checkpoint_path, sha
 
     found = db().run(find)

@@ -25,6 +25,7 @@ from store import assignments, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Database, Unavailable
 from store.models import FEDERATED, utcnow
+from store.states import TaskState
 
 log = logging.getLogger("aifarm.ws")
 
@@ -80,10 +81,10 @@ class Connection:
                         "event=dispatch task=%d round=%d rank=%d client=%s assignment=%d",
                         row.task_id, row.round, row.rank, row.client_id, aid,
                     )  # fmt: skip
-                if row.task_status == "paused" and row.task_id not in self._paused:
+                if row.task_status == TaskState.PAUSED and row.task_id not in self._paused:
                     self._paused.add(row.task_id)
                     self.send({"type": "pause", "task_id": row.task_id})
-                elif row.task_status != "paused" and row.task_id in self._paused:
+                elif row.task_status != TaskState.PAUSED and row.task_id in self._paused:
                     self._paused.discard(row.task_id)
                     self.send({"type": "resume", "task_id": row.task_id})
             for aid in [a for a in self._held if a not in desired]:

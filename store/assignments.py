@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from store import reliability
 from store.db import affected
-from store.models import FEDERATED, OPEN_ASSIGNMENT, TIMED_OUT, Task, TaskAssignment, TaskShard
+from store.models import FEDERATED, Task, TaskAssignment, TaskShard
+from store.states import OPEN_ASSIGNMENT, UNSETTLED_SHARD, AssignmentState, ShardState, TaskState
 
 
 class NotAssigned(Exception):
@@ -42,11 +43,11 @@ class TimedOut(Exception):
 
 def requeue_status(task_status: str | None) -> str:
     """Where a freed shard goes, given its task's status."""
-    if task_status == "paused":
-        return "paused"
-    if task_status in ("pending", "running"):
-        return "queued"
-    return "cancelled"
+    if task_status == TaskState.PAUSED:
+        return ShardState.PAUSED
+    if task_status in (TaskState.PENDING, TaskState.RUNNING):
+        return ShardState.QUEUED
+    return ShardState.CANCELLED
 
 
 def end_assignment(
@@ -84,17 +85,17 @@ def end_assignment(
     a = s.get(TaskAssignment, assignment_id)
     assert a is not None
     shard = s.execute(select(TaskShard).where(TaskShard.id == a.shard_id).with_for_update()).scalar_one()
-    if shard.assignment_id != assignment_id or shard.status != "assigned":
+    if shard.assignment_id != assignment_id or shard.status != ShardState.ASSIGNED:
         return shard  # the shard moved on already (task stopped); nothing more to settle
     shard.updated_at = now
-    if status == "completed":
-        shard.status = "done"
+    if status == AssignmentState.COMPLETED:
+        shard.status = ShardState.DONE
         return shard
     shard.assignment_id = None
     task_status = s.execute(select(Task.status).where(Task.id == shard.task_id)).scalar_one_or_none()
-    if status in ("failed", TIMED_OUT):
+    if status in (AssignmentState.FAILED, AssignmentState.TIMED_OUT):
         shard.attempts += 1
-        shard.status = "failed" if shard.attempts >= max_attempts else requeue_status(task_status)
+        shard.status = ShardState.FAILED if shard.attempts >= max_attempts else requeue_status(task_status)
     else:
         shard.status = requeue_status(task_status)
     return shard
@@ -109,7 +110,7 @@ def release_client(s: Session, client_id: str, now: datetime, *, max_attempts: i
     ).all()
     touched = []
     for aid, task_id in open_ids:
-        if end_assignment(s, aid, "released", now, max_attempts=max_attempts) is not None:
+        if end_assignment(s, aid, AssignmentState.RELEASED, now, max_attempts=max_attempts) is not None:
             touched.append(task_id)
     return touched
 
@@ -198,14 +199,14 @@ def find_open(s: Session, client_id: str, task_id: int, round_no: int | None) ->
     latest = s.execute(query.order_by(TaskAssignment.id.desc()).limit(1)).scalar_one_or_none()
     if latest is not None and latest.status in OPEN_ASSIGNMENT:
         return latest
-    if latest is not None and latest.status in (TIMED_OUT, "released"):
+    if latest is not None and latest.status in (AssignmentState.TIMED_OUT, AssignmentState.RELEASED):
         shard = s.get(TaskShard, latest.shard_id)
-        if shard is not None and shard.status == "done" and shard.assignment_id != latest.id:
+        if shard is not None and shard.status == ShardState.DONE and shard.assignment_id != latest.id:
             raise Superseded(f"another client's result for rank {latest.rank} of task {task_id} was accepted")
         if (
-            latest.status == TIMED_OUT
+            latest.status == AssignmentState.TIMED_OUT
             and shard is not None
-            and shard.status in ("queued", "assigned", "paused")
+            and shard.status in UNSETTLED_SHARD
         ):
             return latest
     if s.get(Task, task_id) is None:
@@ -217,14 +218,14 @@ def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[s
     """First valid result wins: a timed-out assignment's result, when its shard is still
     unsettled, completes the shard; the reissued copy (if any) is released and told to stop."""
     shard = s.execute(select(TaskShard).where(TaskShard.id == late.shard_id).with_for_update()).scalar_one()
-    if shard.status not in ("queued", "assigned", "paused"):
+    if shard.status not in UNSETTLED_SHARD:
         raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
     if shard.assignment_id is not None and shard.assignment_id != late.id:
         s.execute(
             update(TaskAssignment)
             .where(TaskAssignment.id == shard.assignment_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
             .values(
-                status="released",
+                status=AssignmentState.RELEASED,
                 updated_at=now,
                 error=f"superseded by the late result of assignment {late.id}",
             )
@@ -233,14 +234,19 @@ def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[s
     won = affected(
         s.execute(
             update(TaskAssignment)
-            .where(TaskAssignment.id == late.id, TaskAssignment.status == TIMED_OUT)
-            .values(status="completed", updated_at=now, progress=100.0, metrics=metrics or late.metrics)
+            .where(TaskAssignment.id == late.id, TaskAssignment.status == AssignmentState.TIMED_OUT)
+            .values(
+                status=AssignmentState.COMPLETED,
+                updated_at=now,
+                progress=100.0,
+                metrics=metrics or late.metrics,
+            )
             .execution_options(synchronize_session=False)
         )
     )
     if won != 1:
         raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
-    shard.status = "done"
+    shard.status = ShardState.DONE
     shard.assignment_id = late.id
     shard.updated_at = now
     return shard
@@ -262,7 +268,10 @@ def expire_deadlines(
     ended = []
     for aid, client_id, task_id, deadline in overdue:
         why = f"no result by the deadline ({deadline:%Y-%m-%dT%H:%M:%S}Z); reissued"
-        if end_assignment(s, aid, TIMED_OUT, now, max_attempts=max_attempts, error=why) is not None:
+        if (
+            end_assignment(s, aid, AssignmentState.TIMED_OUT, now, max_attempts=max_attempts, error=why)
+            is not None
+        ):
             reliability.note(s, client_id, "timeout", max_tasks=max_tasks)
             ended.append((client_id, task_id))
     return ended
@@ -274,7 +283,7 @@ def record_progress(s: Session, updates: Sequence[tuple[int, float, dict[str, An
         s.execute(
             update(TaskAssignment)
             .where(TaskAssignment.id == aid, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-            .values(status="training", progress=progress, metrics=metrics, updated_at=now)
+            .values(status=AssignmentState.TRAINING, progress=progress, metrics=metrics, updated_at=now)
             .execution_options(synchronize_session=False)
         )
 
@@ -300,21 +309,21 @@ def finish(
     """
     a = find_open(s, client_id, task_id, round_no)
     task = s.execute(select(Task.type, Task.config).where(Task.id == task_id)).one()
-    if status == "completed" and a.checkpoint_path is None and task.type == FEDERATED:
+    if status == AssignmentState.COMPLETED and a.checkpoint_path is None and task.type == FEDERATED:
         raise UploadRequired(task_id)
-    if a.status == TIMED_OUT:
-        if status != "completed":
+    if a.status == AssignmentState.TIMED_OUT:
+        if status != AssignmentState.COMPLETED:
             raise TimedOut(f"your assignment of task {task_id} timed out and was reissued")
         shard: TaskShard | None = accept_late(s, a, now, metrics)
     else:
         shard = end_assignment(
             s, a.id, status, now, max_attempts=max_attempts, error=error, metrics=metrics or a.metrics
         )
-        if status == "completed":
+        if status == AssignmentState.COMPLETED:
             s.execute(update(TaskAssignment).where(TaskAssignment.id == a.id).values(progress=100.0))
     if shard is not None:
         turnaround = (now - a.assigned_at).total_seconds()
-        if status == "completed":
+        if status == AssignmentState.COMPLETED:
             rate = None
             if task.type == FEDERATED and a.num_examples and turnaround > 0:
                 rate = a.num_examples * int((task.config or {}).get("local_epochs", 1)) / turnaround

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from store import assignments
 from store.auth import hash_token, new_client_id, new_token, token_matches
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, Client, TaskAssignment
+from store.models import Client, TaskAssignment
+from store.states import OPEN_ASSIGNMENT, ClientState
 
 
 class AuthFailed(Exception):
@@ -76,7 +77,7 @@ def connect(
             Client(
                 id=new_id,
                 token_hash=hash_token(issued),
-                status="active",
+                status=ClientState.ACTIVE,
                 last_seen=now,
                 created_at=now,
                 conn_id=conn_id,
@@ -92,7 +93,7 @@ def connect(
         raise AuthFailed()
     for key, value in hardware.items():
         setattr(row, key, value)
-    row.status = "active"
+    row.status = ClientState.ACTIVE
     row.last_seen = now
     row.conn_id = conn_id  # a newer connection takes over; the old one is closed by its web process
     row.session_info = session_info
@@ -193,7 +194,7 @@ def expire(
     stale = (
         s.execute(
             select(Client.id)
-            .where(Client.status == "active", Client.last_seen < cutoff)
+            .where(Client.status == ClientState.ACTIVE, Client.last_seen < cutoff)
             .order_by(Client.last_seen)
             .limit(limit)
         )
@@ -205,8 +206,8 @@ def expire(
         won = affected(
             s.execute(
                 update(Client)
-                .where(Client.id == client_id, Client.status == "active", Client.last_seen < cutoff)
-                .values(status="inactive", conn_id=None, pending_requests=0, requested_at=None)
+                .where(Client.id == client_id, Client.status == ClientState.ACTIVE, Client.last_seen < cutoff)
+                .values(status=ClientState.INACTIVE, conn_id=None, pending_requests=0, requested_at=None)
             )
         )
         if won == 1:

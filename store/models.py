@@ -28,16 +28,21 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-TASK_STATUSES = ("pending", "running", "completed", "failed", "error", "paused", "stopped")
-ASSIGNMENT_STATUSES = ("assigned", "training", "completed", "failed", "released", "timed_out")
-CLIENT_STATUSES = ("active", "inactive")
-SHARD_STATUSES = ("queued", "assigned", "done", "failed", "paused", "cancelled")
-ROUND_STATUSES = ("training", "done", "failed")
+from store.states import (
+    AssignmentState,
+    ClientState,
+    RoundState,
+    ShardState,
+    TaskState,
+)
 
-OPEN_ASSIGNMENT = ("assigned", "training")
-TIMED_OUT = "timed_out"  # past its deadline and reissued; a late result may still be accepted
+TASK_STATUSES = tuple(state.value for state in TaskState)
+ASSIGNMENT_STATUSES = tuple(state.value for state in AssignmentState)
+CLIENT_STATUSES = tuple(state.value for state in ClientState)
+SHARD_STATUSES = tuple(state.value for state in ShardState)
+ROUND_STATUSES = tuple(state.value for state in RoundState)
+
 FEDERATED = "federated_training"  # the task type whose rounds exchange models
-FINAL_TASK = ("completed", "failed", "error", "stopped")
 
 
 def utcnow() -> datetime:

@@ -12,13 +12,14 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound, TaskShard
+from store.models import Task, TaskAssignment, TaskRound, TaskShard
+from store.states import LIVE_TASK, OPEN_ASSIGNMENT, UNSETTLED_SHARD, AssignmentState, ShardState, TaskState
 
 # target status -> statuses it may be reached from (admin transitions only)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "paused": ("pending", "running"),
-    "running": ("paused",),
-    "stopped": ("pending", "running", "paused"),
+    TaskState.PAUSED: (TaskState.PENDING, TaskState.RUNNING),
+    TaskState.RUNNING: (TaskState.PAUSED,),
+    TaskState.STOPPED: LIVE_TASK,
 }
 
 
@@ -45,7 +46,7 @@ def create(
         config=config,
         priority=priority,
         num_shards=num_shards,
-        status="pending",
+        status=TaskState.PENDING,
         status_reason="queued: waiting for a worker to prepare it",
         created_at=now,
         updated_at=now,
@@ -100,26 +101,34 @@ def set_status(s: Session, task_id: int, target: str, now: datetime) -> tuple[Ta
         raise IllegalTransition(task.status, target)
     notify = holders(s, task_id)
     shards = update(TaskShard).where(TaskShard.task_id == task_id)
-    if target == "paused":
-        s.execute(shards.where(TaskShard.status == "queued").values(status="paused", updated_at=now))
+    if target == TaskState.PAUSED:
+        s.execute(
+            shards.where(TaskShard.status == ShardState.QUEUED).values(
+                status=ShardState.PAUSED, updated_at=now
+            )
+        )
         task.status_reason = "paused by an admin"
-    elif target == "running":
-        s.execute(shards.where(TaskShard.status == "paused").values(status="queued", updated_at=now))
+    elif target == TaskState.RUNNING:
+        s.execute(
+            shards.where(TaskShard.status == ShardState.PAUSED).values(
+                status=ShardState.QUEUED, updated_at=now
+            )
+        )
         started = s.execute(
             select(TaskAssignment.id).where(TaskAssignment.task_id == task_id).limit(1)
         ).first()
-        target = "running" if started else "pending"
+        target = TaskState.RUNNING if started else TaskState.PENDING
         task.status_reason = None
     else:  # stopped: free everything; holders are told to stop by the web tier's reconcile
         s.execute(
-            shards.where(TaskShard.status.in_(("queued", "paused", "assigned"))).values(
-                status="cancelled", updated_at=now
+            shards.where(TaskShard.status.in_(UNSETTLED_SHARD)).values(
+                status=ShardState.CANCELLED, updated_at=now
             )
         )
         s.execute(
             update(TaskAssignment)
             .where(TaskAssignment.task_id == task_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-            .values(status="released", updated_at=now)
+            .values(status=AssignmentState.RELEASED, updated_at=now)
         )
         task.status_reason = "stopped by an admin"
     task.status = target

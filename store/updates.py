@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from store.assignments import NotAssigned, UnknownTask, find_open
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, TIMED_OUT, Task, TaskAssignment, TaskRound
+from store.models import Task, TaskAssignment, TaskRound
+from store.states import OPEN_ASSIGNMENT, AssignmentState, RoundState
 
 
 class UnknownRound(UnknownTask):
@@ -55,7 +56,7 @@ def target(s: Session, client_id: str, task_id: int, round_no: int, rank: int) -
     ).scalar_one_or_none()
     if rnd is None:
         raise UnknownRound(f"no round {round_no} of task {task_id}")
-    if round_no != task.current_round or rnd.status != "training":
+    if round_no != task.current_round or rnd.status != RoundState.TRAINING:
         raise StaleRound(f"round {round_no} is over; the task is at round {task.current_round}")
     try:
         held = find_open(s, client_id, task_id, round_no)
@@ -73,7 +74,7 @@ def record(s: Session, assignment_id: int, rel: str, sha256: str, num_examples: 
             update(TaskAssignment)
             .where(
                 TaskAssignment.id == assignment_id,
-                TaskAssignment.status.in_((*OPEN_ASSIGNMENT, TIMED_OUT)),
+                TaskAssignment.status.in_((*OPEN_ASSIGNMENT, AssignmentState.TIMED_OUT)),
                 TaskAssignment.checkpoint_path.is_(None),
             )
             .values(checkpoint_path=rel, update_sha256=sha256, num_examples=num_examples)

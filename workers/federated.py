@@ -1,22 +1,10 @@
 """Federated rounds: the initial global model, aggregation, evaluation, checkpoints.
 
-Everything that matters lives in the database and under CHECKPOINT_DIR, so a worker or a
-whole server that dies mid-task resumes from the last round that finished: the round's
-global model file, the accepted updates (paths and checksums on their assignments) and the
-server optimizer state are all on disk before any row points at them.
-
-Aggregating a round is three steps, so that it can run in one job or fan out:
-
-1. :func:`take` reads the round's inputs and takes the round's lease (``aggregating_since``,
-   renewed by :func:`lease_kept` while the job runs, so the sweep does not start a second
-   aggregation beside a slow one); :func:`plan` plans it with the aggregation library
-   (headers checked, parameters split into slices of at most ``AGGREGATION_SLICE_BYTES``);
-2. run the plan: in this process (:func:`run_here`), or, for a plan of several slices on the
-   production topology, as Celery chords of ``aggregate_slice`` jobs (``workers.tasks``),
-   one chord per phase; both run the library's same phase functions over the same slices, so
-   the results are equal bit for bit;
-3. :func:`complete`: evaluate the new model, write it (and the optimizer state) atomically,
-   and commit with a compare-and-set on the round's status: a duplicate job commits nothing.
+A round is aggregated in three steps: :func:`take` (read the inputs, take the round's lease),
+run the plan (here, or as chords of ``aggregate_slice`` jobs), and :func:`complete` (evaluate,
+write the model, commit with a compare-and-set). Everything is on disk before a row points at
+it, so a dead worker or server resumes from the last finished round. The design is in
+docs/architecture.md, "Federated rounds".
 """
 
 from __future__ import annotations
@@ -38,7 +26,16 @@ import server_settings
 from store import blobs as paths
 from store.blobs import BlobStore
 from store.db import Database, affected
-from store.models import OPEN_ASSIGNMENT, Task, TaskAssignment, TaskRound, TaskShard, utcnow
+from store.models import Task, TaskAssignment, TaskRound, TaskShard, utcnow
+from store.states import (
+    LIVE_TASK,
+    OPEN_ASSIGNMENT,
+    UNSETTLED_SHARD,
+    AssignmentState,
+    RoundState,
+    ShardState,
+    TaskState,
+)
 from training.spec import quorum
 from workers.lifecycle import create_shards, fail_task, has_shards, round_deadline
 
@@ -84,7 +81,11 @@ def locked_task_at(s: Session, task_id: int, round_no: int) -> Task | None:
     Every step that ends a round checks this first, so a late or duplicate job changes nothing.
     """
     task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status not in ("running", "paused") or task.current_round != round_no:
+    if (
+        task is None
+        or task.status not in (TaskState.RUNNING, TaskState.PAUSED)
+        or task.current_round != round_no
+    ):
         return None
     return task
 
@@ -105,7 +106,7 @@ def prepare(db: Database, blobs: BlobStore, task_id: int, settings: server_setti
 
     def commit(s: Session) -> bool:
         task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-        if task is None or task.status not in ("pending", "running", "paused"):
+        if task is None or task.status not in LIVE_TASK:
             return False
         if has_shards(s, task_id, 0):
             return False
@@ -118,7 +119,7 @@ def prepare(db: Database, blobs: BlobStore, task_id: int, settings: server_setti
                 TaskRound(
                     task_id=task_id,
                     round=0,
-                    status="training",
+                    status=RoundState.TRAINING,
                     model_path=rel,
                     model_sha256=sha,
                     started_at=now,
@@ -148,14 +149,14 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
     rnd = s.execute(
         select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no)
     ).scalar_one_or_none()
-    if rnd is None or rnd.status != "training":
+    if rnd is None or rnd.status != RoundState.TRAINING:
         return None
     done = s.execute(
         select(TaskAssignment)
         .where(
             TaskAssignment.task_id == task_id,
             TaskAssignment.round == round_no,
-            TaskAssignment.status == "completed",
+            TaskAssignment.status == AssignmentState.COMPLETED,
         )
         .order_by(TaskAssignment.rank, TaskAssignment.id)
     ).scalars()
@@ -170,7 +171,7 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
             update(TaskRound)
             .where(
                 TaskRound.id == rnd.id,
-                TaskRound.status == "training",
+                TaskRound.status == RoundState.TRAINING,
                 or_(TaskRound.aggregating_since.is_(None), TaskRound.aggregating_since < now - lease),
             )
             .values(aggregating_since=now)
@@ -215,7 +216,7 @@ def _closes_on_quorum(s: Session, task: Task, rnd: TaskRound, accepted: int, now
         .where(
             TaskShard.task_id == task.id,
             TaskShard.round == rnd.round,
-            TaskShard.status.in_(("queued", "assigned", "paused")),
+            TaskShard.status.in_(UNSETTLED_SHARD),
         )
         .limit(1)
     ).first()
@@ -239,9 +240,9 @@ def _drop_missing_ranks(s: Session, task_id: int, round_no: int, now: datetime) 
         .where(
             TaskShard.task_id == task_id,
             TaskShard.round == round_no,
-            TaskShard.status.in_(("queued", "assigned", "paused")),
+            TaskShard.status.in_(UNSETTLED_SHARD),
         )
-        .values(status="cancelled", updated_at=now)
+        .values(status=ShardState.CANCELLED, updated_at=now)
     )
     s.execute(
         update(TaskAssignment)
@@ -250,7 +251,11 @@ def _drop_missing_ranks(s: Session, task_id: int, round_no: int, now: datetime) 
             TaskAssignment.round == round_no,
             TaskAssignment.status.in_(OPEN_ASSIGNMENT),
         )
-        .values(status="released", updated_at=now, error=f"round {round_no} closed on its quorum without it")
+        .values(
+            status=AssignmentState.RELEASED,
+            updated_at=now,
+            error=f"round {round_no} closed on its quorum without it",
+        )
     )
     return sorted(set(holders))
 
@@ -264,7 +269,7 @@ def renew_lease(db: Database, task_id: int, round_no: int) -> bool:
             .where(
                 TaskRound.task_id == task_id,
                 TaskRound.round == round_no,
-                TaskRound.status == "training",
+                TaskRound.status == RoundState.TRAINING,
                 TaskRound.aggregating_since.is_not(None),
             )
             .values(aggregating_since=utcnow())
@@ -504,8 +509,12 @@ def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any]
     won = affected(
         s.execute(
             update(TaskRound)
-            .where(TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training")
-            .values(status="done", metrics=metrics, finished_at=now)
+            .where(
+                TaskRound.task_id == task_id,
+                TaskRound.round == round_no,
+                TaskRound.status == RoundState.TRAINING,
+            )
+            .values(status=RoundState.DONE, metrics=metrics, finished_at=now)
         )
     )
     if won != 1:
@@ -515,7 +524,7 @@ def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any]
         task.checkpoint_path = paths.checkpoint_rel(task_id, next_round)
     task.updated_at = now
     if made.final:
-        task.status = "completed"
+        task.status = TaskState.COMPLETED
         task.status_reason = None
         task.result = {
             "rounds": _history(s, task_id),
@@ -527,7 +536,7 @@ def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any]
         TaskRound(
             task_id=task_id,
             round=next_round,
-            status="training",
+            status=RoundState.TRAINING,
             model_path=made.model_rel,
             model_sha256=made.model_sha,
             state_path=made.state_rel,
@@ -550,7 +559,7 @@ def _state_bytes(state: dict[str, Any], strategy: str) -> bytes:
 def _history(s: Session, task_id: int) -> list[dict[str, Any]]:
     rounds = s.execute(
         select(TaskRound.metrics)
-        .where(TaskRound.task_id == task_id, TaskRound.status == "done")
+        .where(TaskRound.task_id == task_id, TaskRound.status == RoundState.DONE)
         .order_by(TaskRound.round)
     ).scalars()
     return [{k: v for k, v in (m or {}).items() if k != "report"} for m in rounds]
@@ -562,8 +571,10 @@ def _fail(s: Session, task_id: int, round_no: int, reason: str, report: dict[str
         return "noop"
     s.execute(
         update(TaskRound)
-        .where(TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == "training")
-        .values(status="failed", metrics={"round": round_no, "report": report}, finished_at=utcnow())
+        .where(
+            TaskRound.task_id == task_id, TaskRound.round == round_no, TaskRound.status == RoundState.TRAINING
+        )
+        .values(status=RoundState.FAILED, metrics={"round": round_no, "report": report}, finished_at=utcnow())
     )
     fail_task(s, task, utcnow(), reason)
     log.warning("event=round_failed task=%d round=%d reason=%s", task_id, round_no, reason)

@@ -15,15 +15,16 @@ from sqlalchemy.orm import Session
 
 from store import reliability
 from store.assignments import end_assignment, requeue_status
-from store.models import (
-    FEDERATED,
+from store.models import FEDERATED, Client, Task, TaskAssignment, TaskRound, TaskShard
+from store.states import (
+    LIVE_TASK,
     OPEN_ASSIGNMENT,
-    TIMED_OUT,
-    Client,
-    Task,
-    TaskAssignment,
-    TaskRound,
-    TaskShard,
+    UNSETTLED_SHARD,
+    AssignmentState,
+    ClientState,
+    RoundState,
+    ShardState,
+    TaskState,
 )
 from training.spec import quorum
 
@@ -65,7 +66,7 @@ def has_shards(s: Session, task_id: int, round_no: int) -> bool:
 def prepare_generic(s: Session, task_id: int, now: datetime) -> bool:
     """Queue the shards of a single-round task. Idempotent: False when already done."""
     task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status not in ("pending", "running", "paused") or has_shards(s, task_id, 0):
+    if task is None or task.status not in LIVE_TASK or has_shards(s, task_id, 0):
         return False
     create_shards(s, task, 0, now)
     task.status_reason = "waiting for a fitting client"
@@ -89,7 +90,7 @@ def round_results(s: Session, task_id: int, round_no: int) -> dict[str, dict[str
         .where(
             TaskAssignment.task_id == task_id,
             TaskAssignment.round == round_no,
-            TaskAssignment.status == "completed",
+            TaskAssignment.status == AssignmentState.COMPLETED,
         )
         .order_by(TaskAssignment.id)
     ).all()
@@ -107,15 +108,15 @@ def fail_task(s: Session, task: Task, now: datetime, error_log: str) -> list[str
     )
     s.execute(
         update(TaskShard)
-        .where(TaskShard.task_id == task.id, TaskShard.status.in_(("queued", "paused", "assigned")))
-        .values(status="cancelled", updated_at=now)
+        .where(TaskShard.task_id == task.id, TaskShard.status.in_(UNSETTLED_SHARD))
+        .values(status=ShardState.CANCELLED, updated_at=now)
     )
     s.execute(
         update(TaskAssignment)
         .where(TaskAssignment.task_id == task.id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-        .values(status="released", updated_at=now)
+        .values(status=AssignmentState.RELEASED, updated_at=now)
     )
-    task.status = "failed"
+    task.status = TaskState.FAILED
     task.error_log = error_log
     task.status_reason = None
     task.updated_at = now
@@ -129,7 +130,7 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
     ``failed`` or ``aggregate`` (a federated round is complete and must be aggregated).
     """
     task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status not in ("pending", "running", "paused"):
+    if task is None or task.status not in LIVE_TASK:
         return "noop", []
     counts = dict(
         s.execute(
@@ -140,13 +141,13 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
     )
     if not counts:
         return "noop", []
-    if counts.get("failed") and not _quorum_reachable(task, counts):
+    if counts.get(ShardState.FAILED) and not _quorum_reachable(task, counts):
         errors = s.execute(
             select(TaskAssignment.rank, TaskAssignment.client_id, TaskAssignment.error)
             .where(
                 TaskAssignment.task_id == task_id,
                 TaskAssignment.round == task.current_round,
-                TaskAssignment.status == "failed",
+                TaskAssignment.status == AssignmentState.FAILED,
             )
             .order_by(TaskAssignment.id)
         ).all()
@@ -154,15 +155,15 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
         summary = f"a shard failed {counts['failed']} time(s) too many; attempts:\n" + "\n".join(lines)
         log.info("event=task_failed task=%d round=%d", task_id, task.current_round)
         return "failed", fail_task(s, task, now, summary)
-    if task.type == FEDERATED and counts.get("done", 0) >= quorum(task.config or {}):
-        unsettled = sum(counts.get(status, 0) for status in ("queued", "assigned", "paused"))
+    if task.type == FEDERATED and counts.get(ShardState.DONE, 0) >= quorum(task.config or {}):
+        unsettled = sum(counts.get(status, 0) for status in UNSETTLED_SHARD)
         if not unsettled:  # every rank done, or failed for good with a quorum done
             return "aggregate", []
-    if counts.get("done", 0) < task.num_shards:
+    if counts.get(ShardState.DONE, 0) < task.num_shards:
         return "noop", []
     per_rank = round_results(s, task_id, task.current_round)
     task.result = {"ranks": per_rank, "metrics": combine_metrics(per_rank)}
-    task.status = "completed"
+    task.status = TaskState.COMPLETED
     task.status_reason = None
     task.updated_at = now
     log.info("event=task_completed task=%d ranks=%d", task_id, len(per_rank))
@@ -174,7 +175,7 @@ def _quorum_reachable(task: Task, counts: dict[str, int]) -> bool:
     cfg = task.config or {}
     if task.type != FEDERATED or cfg.get("round_timeout_s") is None:
         return False
-    return task.num_shards - counts.get("failed", 0) >= quorum(cfg)
+    return task.num_shards - counts.get(ShardState.FAILED, 0) >= quorum(cfg)
 
 
 def round_deadline(task_config: dict[str, Any], now: datetime) -> datetime | None:
@@ -189,9 +190,9 @@ def overdue_rounds(s: Session, now: datetime, *, limit: int) -> list[tuple[int, 
         select(TaskRound.task_id, TaskRound.round)
         .join(Task, Task.id == TaskRound.task_id)
         .where(
-            Task.status == "running",
+            Task.status == TaskState.RUNNING,
             Task.current_round == TaskRound.round,
-            TaskRound.status == "training",
+            TaskRound.status == RoundState.TRAINING,
             TaskRound.deadline_at < now,
             TaskRound.aggregating_since.is_(None),
         )
@@ -209,12 +210,12 @@ def close_round(
     restarted), or, out of retries, fail the task (``failed``). Returns (outcome, clients to
     notify); ``noop`` when the round moved on already."""
     task = s.execute(select(Task).where(Task.id == task_id).with_for_update()).scalar_one_or_none()
-    if task is None or task.status != "running" or task.current_round != round_no:
+    if task is None or task.status != TaskState.RUNNING or task.current_round != round_no:
         return "noop", []
     rnd = s.execute(
         select(TaskRound).where(TaskRound.task_id == task_id, TaskRound.round == round_no).with_for_update()
     ).scalar_one()
-    if rnd.status != "training" or rnd.deadline_at is None or rnd.deadline_at >= now:
+    if rnd.status != RoundState.TRAINING or rnd.deadline_at is None or rnd.deadline_at >= now:
         return "noop", []
     cfg = task.config or {}
     accepted = accepted_ranks(s, task_id, round_no)
@@ -239,7 +240,10 @@ def close_round(
     rnd.deadline_at = round_deadline(cfg, now)
     why = f"round {round_no} timed out with {len(accepted)} of {task.num_shards} updates; reissued"
     for aid, client_id in holders:
-        if end_assignment(s, aid, TIMED_OUT, now, max_attempts=max_attempts, error=why) is not None:
+        if (
+            end_assignment(s, aid, AssignmentState.TIMED_OUT, now, max_attempts=max_attempts, error=why)
+            is not None
+        ):
             reliability.note(s, client_id, "timeout", max_tasks=max_tasks)
     log.info(
         "event=round_retry task=%d round=%d retry=%d accepted=%d",
@@ -257,7 +261,7 @@ def accepted_ranks(s: Session, task_id: int, round_no: int) -> set[int]:
             select(TaskAssignment.rank).where(
                 TaskAssignment.task_id == task_id,
                 TaskAssignment.round == round_no,
-                TaskAssignment.status == "completed",
+                TaskAssignment.status == AssignmentState.COMPLETED,
             )
         ).scalars()
     )
@@ -281,7 +285,7 @@ def stalled(
     unprepared = s.execute(
         select(Task.id)
         .where(
-            Task.status == "pending",
+            Task.status == TaskState.PENDING,
             Task.created_at < settle,
             ~select(TaskShard.id).where(TaskShard.task_id == Task.id).exists(),
         )
@@ -291,12 +295,12 @@ def stalled(
     finished_rounds = s.execute(
         select(Task.id)
         .where(
-            Task.status.in_(("running", "paused")),
+            Task.status.in_((TaskState.RUNNING, TaskState.PAUSED)),
             ~select(TaskShard.id)
             .where(
                 TaskShard.task_id == Task.id,
                 TaskShard.round == Task.current_round,
-                TaskShard.status.in_(("queued", "assigned", "paused")),
+                TaskShard.status.in_(UNSETTLED_SHARD),
             )
             .exists(),
             Task.updated_at < settle,
@@ -314,7 +318,7 @@ def fitting_clients(s: Session, requirements: dict[str, Any]) -> int:
         select(func.count())
         .select_from(Client)
         .where(
-            Client.status == "active",
+            Client.status == ClientState.ACTIVE,
             Client.conn_id.is_not(None),
             Client.disabled.is_(False),
             Client.cpu_cores >= int(requirements.get("cpu_cores", 0)),
@@ -330,7 +334,12 @@ def fitting_clients(s: Session, requirements: dict[str, Any]) -> int:
 def explain_waiting(s: Session, now: datetime, *, limit: int) -> int:
     """Write, for every pending or running task, why it is where it is (visible in the API)."""
     tasks = (
-        s.execute(select(Task).where(Task.status.in_(("pending", "running"))).order_by(Task.id).limit(limit))
+        s.execute(
+            select(Task)
+            .where(Task.status.in_((TaskState.PENDING, TaskState.RUNNING)))
+            .order_by(Task.id)
+            .limit(limit)
+        )
         .scalars()
         .all()
     )
@@ -348,7 +357,7 @@ def explain_task(s: Session, task_id: int, now: datetime) -> None:
     task = s.get(Task, task_id)
     if (
         task is not None
-        and task.status in ("pending", "running")
+        and task.status in (TaskState.PENDING, TaskState.RUNNING)
         and has_shards(s, task_id, task.current_round)
     ):
         task.status_reason = explain(s, task, now)[:255]
@@ -362,7 +371,7 @@ def explain(s: Session, task: Task, now: datetime) -> str:
             TaskShard.task_id == task.id, TaskShard.round == task.current_round
         )
     ).all()
-    done = sum(1 for shard in shards if shard.status == "done")
+    done = sum(1 for shard in shards if shard.status == ShardState.DONE)
     what = "updates" if task.type == FEDERATED else "ranks done"
     parts = [f"round {task.current_round}: {done} of {task.num_shards} {what}"]
     held = s.execute(
@@ -380,7 +389,7 @@ def explain(s: Session, task: Task, now: datetime) -> str:
         deadlines = [a.deadline_at for a in held if a.deadline_at is not None]
         due = f", deadline in {max(0, round((min(deadlines) - now).total_seconds()))} s" if deadlines else ""
         parts.append(f"rank{'s' if len(held) > 1 else ''} {ranks} held by {holders}{due}")
-    queued = sum(1 for shard in shards if shard.status == "queued")
+    queued = sum(1 for shard in shards if shard.status == ShardState.QUEUED)
     if queued:
         parts.append(f"{queued} shard(s) queued; {_who_fits(s, task.requirements or {})}")
     if done == task.num_shards and task.type == FEDERATED:
@@ -405,7 +414,7 @@ def _who_fits(s: Session, requirements: dict[str, Any]) -> str:
     fit = fitting_clients(s, requirements)
     if fit:
         return f"{fit} connected client(s) fit the requirements"
-    connected = (Client.status == "active", Client.conn_id.is_not(None), Client.disabled.is_(False))
+    connected = (Client.status == ClientState.ACTIVE, Client.conn_id.is_not(None), Client.disabled.is_(False))
     largest = s.execute(select(*(func.max(c) for c in REQUIREMENT_COLUMNS.values())).where(*connected)).one()
     short = [
         f"{key}>={need:g} (largest has {have or 0:g})"

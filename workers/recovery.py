@@ -33,6 +33,7 @@ from store.blobs import BlobStore
 from store.bus import SCHEDULE_PENDING, get_bus
 from store.db import Database
 from store.models import Client, Task, TaskShard
+from store.states import ClientState, ShardState
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def clients_wait_for_queued_work(s: Session) -> bool:
         select(Client.id)
         .where(
             Client.pending_requests > 0,
-            Client.status == "active",
+            Client.status == ClientState.ACTIVE,
             Client.conn_id.is_not(None),
             Client.disabled.is_(False),
         )
@@ -115,4 +116,7 @@ def clients_wait_for_queued_work(s: Session) -> bool:
     ).first()
     if waiting is None:
         return False
-    return s.execute(select(TaskShard.id).where(TaskShard.status == "queued").limit(1)).first() is not None
+    return (
+        s.execute(select(TaskShard.id).where(TaskShard.status == ShardState.QUEUED).limit(1)).first()
+        is not None
+    )

@@ -1,24 +1,8 @@
-"""Matching queued shards to waiting clients. Plain functions over a session; tasks.py wraps them.
-
-The claim is the heart of it: a shard is given to at most one client, whatever the number of
-schedulers running at once. On MySQL/MariaDB rows are taken with ``SELECT ... FOR UPDATE SKIP
-LOCKED`` in the order of the ``ix_task_shards_claim`` index: a locked row is this
-transaction's alone until it commits, so concurrent schedulers skip each other's rows.
-Elsewhere (SQLite, embedded) nothing is locked and the final word is a compare-and-set
-``UPDATE ... WHERE status = 'queued'`` whose row count says who won.
-
-The fast path, :func:`serve_batch`, serves a batch of waiting clients in one transaction:
-it locks up to ``batch`` waiting clients and a window of queued shards, matches them in
-Python (priority order, hardware, task types, one rank of a task per client,
-MAX_TASKS_PER_CLIENT), and writes the assignments in bulk. A client that fits nothing in the
-window while more shards wait beyond it gets :func:`fill_client`, the per-client claim whose
-query filters by its hardware, so a deep queue never starves it.
-
-SKIP LOCKED also skips rows locked by anything else for a moment: the web tier refreshing
-``last_seen`` of its connections, or another scheduler that then leaves its window's shards
-unassigned. :func:`serve_batch` therefore compares what it locked with a plain read of the
-same rows and reports ``skipped``; the caller runs scheduling again shortly, so a waiting
-client never depends on beat's safety net to be served.
+"""Matching queued shards to waiting clients: plain functions over a session (``workers.tasks``
+wraps them). A shard goes to at most one client however many schedulers run at once:
+``FOR UPDATE SKIP LOCKED`` on MariaDB, a compare-and-set on the shard's status everywhere.
+:func:`match` decides on plain rows; :func:`serve_batch` locks, matches and writes a batch;
+:func:`fill_client` is the per-client claim. The design is in docs/architecture.md, "Scheduling".
 """
 
 from __future__ import annotations
@@ -35,8 +19,9 @@ from sqlalchemy.orm import Session
 
 import server_settings
 from store.db import affected
-from store.models import OPEN_ASSIGNMENT, TIMED_OUT, Client, Task, TaskAssignment, TaskShard
+from store.models import Client, Task, TaskAssignment, TaskShard
 from store.reliability import quota, score
+from store.states import OPEN_ASSIGNMENT, AssignmentState, ClientState, ShardState, TaskState
 from workers.deadlines import deadline_seconds
 
 log = logging.getLogger(__name__)
@@ -46,7 +31,7 @@ DEFAULTS = server_settings.Settings()  # deadlines when a caller passes no setti
 
 def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
     query = select(TaskShard).where(
-        TaskShard.status == "queued",
+        TaskShard.status == ShardState.QUEUED,
         TaskShard.req_cpu_cores <= client.cpu_cores,
         TaskShard.req_ram_gb <= client.ram_gb,
         TaskShard.req_gpu_count <= client.gpu_count,
@@ -57,7 +42,7 @@ def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
     if client.task_types is not None:
         query = query.where(TaskShard.task_type.in_(client.task_types))
     timed_out_here = select(TaskAssignment.shard_id).where(
-        TaskAssignment.client_id == client.id, TaskAssignment.status == TIMED_OUT
+        TaskAssignment.client_id == client.id, TaskAssignment.status == AssignmentState.TIMED_OUT
     )
     query = query.where(or_(TaskShard.attempts == 0, TaskShard.id.not_in(timed_out_here)))
     return query.order_by(TaskShard.priority.desc(), TaskShard.id)
@@ -69,14 +54,14 @@ def claim(s: Session, client: Client, exclude_tasks: set[int], *, skip_locked: b
     if skip_locked:
         shard = s.execute(query.limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
         if shard is not None:
-            shard.status = "assigned"
+            shard.status = ShardState.ASSIGNED
         return shard
     for shard_id in s.execute(query.with_only_columns(TaskShard.id).limit(8)).scalars().all():
         won = affected(
             s.execute(
                 update(TaskShard)
-                .where(TaskShard.id == shard_id, TaskShard.status == "queued")
-                .values(status="assigned")
+                .where(TaskShard.id == shard_id, TaskShard.status == ShardState.QUEUED)
+                .values(status=ShardState.ASSIGNED)
             )
         )
         if won == 1:
@@ -102,7 +87,7 @@ def fill_client(
     client = s.execute(select(Client).where(Client.id == client_id).with_for_update()).scalar_one_or_none()
     if (
         client is None
-        or client.status != "active"
+        or client.status != ClientState.ACTIVE
         or client.conn_id is None
         or client.disabled
         or client.pending_requests <= 0
@@ -261,7 +246,7 @@ def serve_batch(
         select(*WAITING_COLUMNS)
         .where(
             Client.pending_requests > 0,  # asked for work: served longest-waiting first
-            Client.status == "active",
+            Client.status == ClientState.ACTIVE,
             Client.conn_id.is_not(None),  # connected now
             Client.disabled.is_(False),
         )
@@ -284,7 +269,7 @@ def serve_batch(
     window = 2 * batch
     queued = (
         select(*SHARD_COLUMNS)
-        .where(TaskShard.status == "queued")
+        .where(TaskShard.status == ShardState.QUEUED)
         .order_by(TaskShard.priority.desc(), TaskShard.id)
         .limit(window)
     )
@@ -350,7 +335,7 @@ def write_assignments(
                     "client_id": client_id,
                     "assigned_at": now,
                     "updated_at": now,
-                    "status": "assigned",
+                    "status": AssignmentState.ASSIGNED,
                     "rank": shard.rank,
                     "round": shard.round,
                     "shard_id": shard.id,
@@ -363,7 +348,7 @@ def write_assignments(
     s.execute(
         update(TaskShard),
         [
-            {"id": shard.id, "status": "assigned", "assignment_id": aid, "updated_at": now}
+            {"id": shard.id, "status": ShardState.ASSIGNED, "assignment_id": aid, "updated_at": now}
             for (_, shard), aid in zip(pairs, ids, strict=True)
         ],
     )
@@ -379,7 +364,7 @@ def timed_out_pairs(s: Session, shard_ids: Sequence[int]) -> set[tuple[str, int]
         (row.client_id, row.shard_id)
         for row in s.execute(
             select(TaskAssignment.client_id, TaskAssignment.shard_id).where(
-                TaskAssignment.shard_id.in_(shard_ids), TaskAssignment.status == TIMED_OUT
+                TaskAssignment.shard_id.in_(shard_ids), TaskAssignment.status == AssignmentState.TIMED_OUT
             )
         )
     }
@@ -390,8 +375,12 @@ def _start_tasks(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) ->
     started = sorted({shard.task_id for _, shard in pairs})
     s.execute(
         update(Task)
-        .where(Task.id.in_(started), Task.status == "pending")
-        .values(status="running", updated_at=now, status_reason="running: its first shards were handed out")
+        .where(Task.id.in_(started), Task.status == TaskState.PENDING)
+        .values(
+            status=TaskState.RUNNING,
+            updated_at=now,
+            status_reason="running: its first shards were handed out",
+        )
         .execution_options(synchronize_session=False)
     )
     for client_id, shard in pairs:
@@ -417,7 +406,7 @@ def _skipped(s: Session, query: Select[*tuple[Any, ...]], locked: Sequence[Any])
 def _compare_and_set(s: Session, shard_id: int, now: datetime) -> bool:
     won = s.execute(
         update(TaskShard)
-        .where(TaskShard.id == shard_id, TaskShard.status == "queued")
-        .values(status="assigned", updated_at=now)
+        .where(TaskShard.id == shard_id, TaskShard.status == ShardState.QUEUED)
+        .values(status=ShardState.ASSIGNED, updated_at=now)
     )
     return affected(won) == 1
