@@ -16,7 +16,7 @@ from flask_limiter.util import get_remote_address
 from flask_sock import Sock
 
 import server_settings
-from app import api, dashboard, errors, models_api, openapi
+from app import api, dashboard, errors, models_api, openapi, validation
 from app.hub import Hub
 from app.ws import Connection
 from store.bus import LocalBus, RedisBus, set_bus
@@ -54,6 +54,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         storage_uri=settings.REDIS_URL or "memory://",
         strategy="moving-window",
         swallow_errors=True,  # a Redis hiccup must not turn every request into a 500
+        headers_enabled=True,  # Retry-After on a 429, X-RateLimit-* on every limited answer
     )
     limiter.limit(settings.RATE_LIMIT)(api.bp)
     limiter.limit(
@@ -63,6 +64,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limiter.limit(settings.ADMIN_LOGIN_RATE_LIMIT)(dashboard.session_bp)
 
     errors.register(app)
+    app.url_value_preprocessor(validation.ids_in_bounds)
     app.register_blueprint(api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(dashboard.bp)

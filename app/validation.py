@@ -31,6 +31,8 @@ TASK_STATUS_TARGETS = ("paused", "running", "stopped")
 CLIENT_STATUS_TARGETS = ("disabled", "enabled")
 CLIENT_FILTERS = (*CLIENT_STATUSES, "disabled")
 PER_PAGE_MAX = 100
+INT64_MAX = 2**63 - 1  # BIGINT's bound (and SQLite's INTEGER's): no number past it reaches SQL
+PAGE_MAX = INT64_MAX // PER_PAGE_MAX  # so that the offset (page - 1) * per_page stays in bounds
 
 
 def json_object() -> dict[str, Any]:
@@ -124,8 +126,8 @@ def page_args() -> tuple[int, int]:
         per_page = int(request.args.get("per_page", "20"))
     except ValueError:
         raise ApiError(400, "page and per_page must be integers") from None
-    if page < 1 or not 1 <= per_page <= PER_PAGE_MAX:
-        raise ApiError(400, f"page must be >= 1 and per_page in 1..{PER_PAGE_MAX}")
+    if not 1 <= page <= PAGE_MAX or not 1 <= per_page <= PER_PAGE_MAX:
+        raise ApiError(400, f"page must be in 1..{PAGE_MAX} and per_page in 1..{PER_PAGE_MAX}")
     return page, per_page
 
 
@@ -140,3 +142,13 @@ def choice_arg(name: str, allowed: tuple[str, ...]) -> str | None:
 
 def task_status_filter() -> str | None:
     return choice_arg("status", TASK_STATUSES)
+
+
+def ids_in_bounds(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Before any view: an integer in the path (a task id, a round, a rank) beyond 64 bits names
+    nothing, so it is a 404 here rather than an overflow in the database driver (a 500)."""
+    for name, value in (values or {}).items():
+        if isinstance(value, int) and value > INT64_MAX:
+            raise ApiError(
+                404, f"no {name.removesuffix('_no').replace('_id', '')} {value}: beyond 64 bits", "not_found"
+            )
