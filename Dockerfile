@@ -1,4 +1,6 @@
-# One image for every role: web (gunicorn), worker, beat, flower. The command picks the role.
+# One image for every role: init-db, web (gunicorn), worker, beat, flower. The command picks the
+# role: docker-compose.yml gives each service its Procfile line. .dockerignore keeps .venv, .git
+# and local data out of the build context.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -12,5 +14,5 @@ COPY . .
 RUN useradd --create-home --uid 1000 aifarm && mkdir -p logs checkpoints data && chown -R aifarm logs checkpoints data
 USER aifarm
 
-EXPOSE 8000
+EXPOSE 8000 5555
 CMD ["gunicorn", "app:create_app()"]

@@ -1,0 +1,129 @@
+"""`make up` (the Procfile under honcho) and docker-compose.yml run the same processes with the
+same commands, so the stack run locally is the one that ships. No Docker engine runs here: this
+compares the files (tests/services/test_make_up.py runs `make up` itself).
+
+What may differ between the two spellings of a command, and nothing else:
+- A Procfile line is a /bin/sh command line; compose's `command` is an exec list, or
+  ["sh", "-c", LINE] where the line needs a shell (Flower's ${FLOWER_BASIC_AUTH:?...}). Compose
+  reads `$$` as a literal `$` for the container's sh to expand, so `$$` is `$` before comparing.
+- `NAME=value` in front of a Procfile command is an `environment` entry of that compose service
+  (REMAP_SIGTERM=SIGQUIT).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any
+
+import honcho.manager
+import pytest
+import yaml
+from honcho.environ import parse_procfile
+
+import celeryconfig
+from launch import ROOT
+
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def procfile() -> dict[str, str]:
+    return dict(parse_procfile((ROOT / "Procfile").read_text()).processes)  # as honcho reads it
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def our_services() -> dict[str, Any]:
+    """The services that run this project's image (not mysql, not redis)."""
+    return {name: s for name, s in compose().items() if s.get("image") == "aifarm-server"}
+
+
+def split_line(line: str) -> tuple[dict[str, str], list[str]]:
+    """A Procfile command: its leading NAME=value assignments, and the argv of the rest."""
+    words = shlex.split(line)
+    env = {}
+    while words and ASSIGNMENT.match(words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
+
+
+def compose_argv(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    if command[:2] == ["sh", "-c"]:
+        assert len(command) == 3, command
+        return shlex.split(command[2].replace("$$", "$"))
+    return list(command)
+
+
+def makefile_recipe(target: str) -> str:
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line)
+    return "\n".join(recipe)
+
+
+def test_the_procfile_and_compose_run_the_same_processes() -> None:
+    assert set(procfile()) == set(our_services()) - {"init-db"}
+
+
+@pytest.mark.parametrize("name", sorted(procfile()))
+def test_each_compose_service_runs_its_procfile_line(name: str) -> None:
+    env, argv = split_line(procfile()[name])
+    service = our_services()[name]
+    assert compose_argv(service) == argv
+    assert env.items() <= (service.get("environment") or {}).items()
+
+
+def test_the_workers_consume_every_queue_of_celeryconfig() -> None:
+    consumed = set()
+    for line in procfile().values():
+        _, argv = split_line(line)
+        if argv[:4] == ["celery", "-A", "workers", "worker"]:
+            consumed.update(argv[argv.index("--queues") + 1].split(","))
+    assert consumed == {queue.name for queue in celeryconfig.task_queues}
+
+
+def test_exactly_one_beat() -> None:
+    beats = [name for name, line in procfile().items() if split_line(line)[1][3:4] == ["beat"]]
+    assert beats == ["beat"]
+    assert our_services()["beat"]["deploy"] == {"replicas": 1}
+
+
+def test_init_db_runs_once_before_everything_else() -> None:
+    services = our_services()
+    assert services["init-db"]["command"] == ["python", "-m", "app", "init-db"]
+    assert services["init-db"]["restart"] == "no"
+    assert 'honcho --env "$(UP_ENV)" run python -m app init-db && ' in makefile_recipe("up")
+    for name, service in services.items():
+        if name != "init-db":
+            assert service["depends_on"]["init-db"] == {"condition": "service_completed_successfully"}
+
+
+def test_the_image_runs_the_web_command_by_default() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    cmd = next(line for line in dockerfile if line.startswith("CMD "))
+    assert json.loads(cmd.removeprefix("CMD ")) == compose()["web"]["command"]
+
+
+def test_flower_always_asks_for_a_password() -> None:
+    # sh refuses to start it when FLOWER_BASIC_AUTH is unset or empty
+    assert " --basic-auth=${FLOWER_BASIC_AUTH:?" in procfile()["flower"]
+
+
+def test_make_up_gives_the_processes_docker_s_grace() -> None:
+    """The Makefile raises honcho's KILL_WAIT (5 s) to 10 s: a pinned honcho must still have it."""
+    assert isinstance(honcho.manager.KILL_WAIT, int)
+    assert "m.KILL_WAIT = max(m.KILL_WAIT, 10)" in (ROOT / "Makefile").read_text()
+
+
+def test_the_build_context_leaves_local_state_out() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "data", "logs", "checkpoints", "bench/out", ".env"} <= ignored
