@@ -18,8 +18,21 @@ accesslog = None  # the app writes LOG_DIR/access.log itself
 
 
 def on_starting(server):
+    # Counters and histograms of every worker go to one folder of this master's, emptied now,
+    # which each worker's GET /metrics merges (prometheus_client's multiprocess mode; the
+    # environment variable must be set before the workers import prometheus_client).
+    import server_settings
+
+    server_settings.setup_metrics_dir(server_settings.load(), "web")
     # In a subprocess, so the master imports nothing the gevent workers must patch first.
     subprocess.run([sys.executable, "-m", "app", "bootstrap-token"], check=False)
+
+
+def child_exit(server, worker):
+    """A worker is gone (stopped, crashed, recycled): drop its live gauges; its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

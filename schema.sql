@@ -85,6 +85,9 @@ CREATE TABLE clients (
     turnaround_s DOUBLE NOT NULL DEFAULT 0,  -- summed over valid results
     throughput DOUBLE,  -- training examples per second, measured on federated rounds
     task_quota INT,  -- open assignments it may hold (NULL: MAX_TASKS_PER_CLIENT)
+    -- the resource use it last reported (heartbeat, task_progress), and when
+    utilization JSON,
+    utilization_at DATETIME(6),
     UNIQUE INDEX ix_clients_conn (conn_id),
     INDEX ix_clients_status_seen (status, last_seen),
     INDEX ix_clients_waiting (pending_requests, requested_at)

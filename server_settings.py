@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import shutil
+import socket
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -112,6 +115,14 @@ class Settings:
     # still win. Lower it where volunteers crash more often than they roam.
     RECONNECT_GRACE: float = 60.0
 
+    # --- Metrics (GET /metrics, Prometheus text; docs/operations.md, "Metrics") ---
+    # Where this host's web processes and Celery workers keep their counters and histograms
+    # (prometheus_client's multiprocess files), a folder per gunicorn or Celery worker; empty:
+    # DATA_DIR/metrics. A local disk shared by the web tier and the workers of one host.
+    METRICS_DIR: str = ""
+    METRICS_TOKEN: str = ""  # empty: GET /metrics is open (like /healthz); set: it needs this bearer token
+    METRICS_CLIENT_LIMIT: int = 1000  # connected clients with their own utilization series on /metrics
+
     LOG_LEVEL: str = "INFO"
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -130,6 +141,10 @@ class Settings:
     @property
     def broker_url(self) -> str:
         return self.REDIS_URL or "memory://"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.METRICS_DIR or Path(self.DATA_DIR) / "metrics").resolve()
 
 
 def load(**overrides: Any) -> Settings:
@@ -188,3 +203,50 @@ def setup_logging(settings: Settings) -> None:
         access.removeHandler(h)
     access.addHandler(handler("access.log", logging.INFO))
     _configured_dir = settings.LOG_DIR
+
+
+def metrics_folder_owner(folder: Path) -> tuple[str, int] | None:
+    """(host, pid) of a folder made by :func:`setup_metrics_dir`, or None for another name."""
+    head, at, host = folder.name.rpartition("@")
+    _, dash, pid = head.rpartition("-")
+    if not at or not dash or not pid.isdigit():
+        return None
+    return host, int(pid)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def setup_metrics_dir(settings: Settings, role: str) -> Path:
+    """Give this process and its children (a gunicorn master and its workers, a Celery worker
+    and its pool) an empty folder of their own for prometheus_client's multiprocess files,
+    ``METRICS_DIR/<role>-<pid>@<host>``, and point ``PROMETHEUS_MULTIPROC_DIR`` at it.
+
+    Call it before the process creates its metrics: prometheus_client picks its storage when
+    imported, and is picked again here if it was imported already (the ``celery`` command
+    loads Flower's plugin, which imports it). Folders of this host's processes that no longer
+    run are removed: their counts ended with them (a counter reset, which Prometheus expects
+    after a restart). ``GET /metrics`` merges the folders of the processes still running
+    (``app/metrics.py``)."""
+    base = settings.metrics_dir
+    base.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for folder in base.iterdir():
+        owner = metrics_folder_owner(folder)
+        if owner is not None and owner[0] == host and not process_alive(owner[1]):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = base / f"{role}-{os.getpid()}@{host}"
+    shutil.rmtree(mine, ignore_errors=True)  # a pid used before by a process of the same role
+    mine.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
+    values: Any = sys.modules.get("prometheus_client.values")
+    if values is not None:  # metrics made from now on count into the folder
+        values.ValueClass = values.get_value_class()
+    return mine

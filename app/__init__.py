@@ -16,13 +16,15 @@ from flask_limiter.util import get_remote_address
 from flask_sock import Sock
 
 import server_settings
-from app import api, dashboard, errors, models_api, openapi, validation
+from app import api, dashboard, errors, metrics, models_api, openapi, validation
 from app.hub import Hub
 from app.ws import Connection
+from store import clients
 from store.bus import LocalBus, RedisBus, set_bus
 from store.db import Database, set_db
 
 access_log = logging.getLogger("aifarm.access")
+log = logging.getLogger(__name__)
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -48,6 +50,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["aifarm.db"] = db
     app.extensions["aifarm.hub"] = hub
 
+    metrics.init_app(app, db, settings)  # before the limiter: a 429 is timed and counted too
     limiter = Limiter(
         get_remote_address,
         app=app,
@@ -74,12 +77,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     def healthz() -> tuple[Response, int]:
         db_ok = db.ping()
         broker_ok = bus.ping()
+        connected = None  # clients connected to any web process, as the database knows them
+        if db_ok:
+            try:
+                connected = db.run(clients.connected_count)
+            except Exception as error:  # it went down since the ping
+                log.warning("event=healthz state=count_failed error=%s", type(error).__name__)
+                db_ok = False
         body = {
             "status": "ok" if db_ok and broker_ok else "degraded",
             "database": db_ok,
             "broker": broker_ok,
             "mode": "embedded" if settings.embedded else "production",
-            "connected_clients": hub.count(),
+            "connected_clients": connected,
         }
         return jsonify(body), 200 if db_ok and broker_ok else 503
 

@@ -76,6 +76,9 @@ def client_json(c: Client) -> dict[str, Any]:
         "last_seen": iso(c.last_seen),
         "created_at": iso(c.created_at),
         "reliability": reliability.summary(c, current_app.config["SETTINGS"].MAX_TASKS_PER_CLIENT),
+        "utilization": (
+            {**c.utilization, "reported_at": iso(c.utilization_at)} if c.utilization is not None else None
+        ),
     }
 
 
@@ -277,24 +280,29 @@ def set_client_status(client_id: str) -> Response:
 @bp.get("/metrics")
 @admin_required
 def metrics() -> Response:
-    """The specification's metrics: this server's CPU and RAM use, active tasks, connected clients."""
+    """The specification's metrics: this host's CPU and RAM use (a measurement), the GPUs the
+    connected clients reported, running tasks, and the clients connected to any web process."""
     from app.sysinfo import cpu_utilization, ram_utilization
 
-    def counts(s: Session) -> tuple[int, int]:
+    limit = current_app.config["SETTINGS"].METRICS_CLIENT_LIMIT
+
+    def counts(s: Session) -> tuple[int, int, list[tuple[str, dict[str, Any]]]]:
         active = s.execute(
             select(func.count()).select_from(Task).where(Task.status == TaskState.RUNNING)
         ).scalar_one()
-        connected = s.execute(
-            select(func.count()).select_from(Client).where(Client.conn_id.is_not(None))
-        ).scalar_one()
-        return active, connected
+        return active, client_store.connected_count(s), client_store.reported_utilization(s, limit=limit)
 
-    active, connected = db().run(counts)
+    active, connected, reports = db().run(counts)
+    gpus = [
+        {"client_id": client_id, **gpu}
+        for client_id, report in reports
+        for gpu in report.get("gpu_utilization", [])
+    ]
     return jsonify(
         {
             "cpu_utilization": cpu_utilization(),
             "ram_utilization": ram_utilization(),
-            "gpu_utilization": [],  # the server does no GPU work; clients report their own
+            "gpu_utilization": gpus,
             "active_tasks": active,
             "connected_clients": connected,
         }

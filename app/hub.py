@@ -148,15 +148,20 @@ class Hub:
                 conn.apply(by_client.get(client_id, []))
 
     def flush(self) -> None:
-        """Write batched progress and refresh last_seen of every local connection.
+        """Write batched progress and reported utilization, and refresh last_seen of every
+        local connection.
 
-        Progress that could not be written (the database is down) is kept for the next flush."""
+        Progress that could not be written (the database is down) is kept for the next flush;
+        utilization is a sample, and the next report replaces it."""
         conns = list(self._conns.values())
         with self._lock:
             latest, self._left = self._left, {}
+        utilization: dict[str, dict[str, Any]] = {}
         for conn in conns:
             for aid, value, metrics in conn.take_progress():
                 latest[aid] = (value, metrics)
+            if (report := conn.take_utilization()) is not None:
+                utilization[conn.conn_id] = report
         if not conns and not latest:
             return
         progress = [(aid, value, metrics) for aid, (value, metrics) in latest.items()]
@@ -166,6 +171,7 @@ class Hub:
         def write(s: Session) -> set[str]:
             if progress:
                 assignments.record_progress(s, progress, now)
+            clients.record_utilization(s, utilization, now)
             return clients.touch(s, conn_ids, now) if conn_ids else set()
 
         try:

@@ -30,6 +30,15 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": list(properties), "properties": properties}
 
 
+PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+GPU_FIELDS: dict[str, Any] = {
+    "id": {"type": "integer", "description": "the GPU's index on its client"},
+    "utilization": PERCENT,
+    "memory_used": {"type": "number", "description": "MiB"},
+}
+GPU_UTILIZATION = {"type": "object", "required": ["id", "utilization"], "properties": GPU_FIELDS}
+
+
 def _page_of(item: str) -> dict[str, Any]:
     return {
         "type": "object",
@@ -189,14 +198,42 @@ def document() -> dict[str, Any]:
                         "task_quota": {"type": "integer", "description": "open assignments it may hold now"},
                     },
                 },
+                "utilization": {
+                    "type": ["object", "null"],
+                    "description": "the resource use it last reported (heartbeat, task_progress); "
+                    "null before its first report",
+                    "properties": {
+                        "cpu_utilization": PERCENT,
+                        "ram_utilization": PERCENT,
+                        "gpu_utilization": {"type": "array", "items": GPU_UTILIZATION},
+                        "reported_at": {"type": "string", "format": "date-time"},
+                    },
+                },
             },
         },
+        "Metrics": _object(
+            {
+                "cpu_utilization": {**PERCENT, "description": "this server host's CPU use, measured"},
+                "ram_utilization": {**PERCENT, "description": "this server host's RAM use"},
+                "gpu_utilization": {
+                    "type": "array",
+                    "description": "each GPU the connected clients last reported",
+                    "items": {
+                        **GPU_UTILIZATION,
+                        "properties": {**GPU_FIELDS, "client_id": {"type": "string"}},
+                    },
+                },
+                "active_tasks": {"type": "integer", "description": "tasks running"},
+                "connected_clients": {"type": "integer", "description": "on any web process"},
+            }
+        ),
     }
     admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     paths: dict[str, Any] = {
         "/healthz": {
             "get": {
-                "summary": "Whether the database and the broker answer (no auth)",
+                "summary": "Whether the database and the broker answer, and how many clients are "
+                "connected to any web process (no auth)",
                 "security": [],
                 "responses": {
                     "200": _json({"type": "object"}, "both reachable"),
@@ -384,8 +421,22 @@ def document() -> dict[str, Any]:
         },
         "/api/metrics": {
             "get": {
-                "summary": "Server CPU/RAM use, active tasks, connected clients",
-                "responses": {"200": _json({"type": "object"}), **AUTH_ERRORS},
+                "summary": "Server CPU/RAM use, the clients' GPU use, active tasks, connected clients",
+                "responses": {"200": _json(_ref("Metrics")), **AUTH_ERRORS},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": 'Prometheus metrics, text format (docs/operations.md, "Metrics"); '
+                "open unless METRICS_TOKEN is set",
+                "security": [{}, {"metricsToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _error("METRICS_TOKEN is set and the request does not carry it"),
+                },
             }
         },
     }
@@ -413,6 +464,7 @@ def document() -> dict[str, Any]:
                     "description": "the token from 'registered'",
                 },
                 "clientId": {"type": "apiKey", "in": "header", "name": "X-Client-Id"},
+                "metricsToken": {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN"},
             },
         },
     }

@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 from store.clients import Hardware
 
@@ -18,7 +18,10 @@ CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
 TASK_TYPE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 MAX_METRICS = 64
 MAX_GPUS = 64
-KNOWN_TYPES = "register, task_request, task_progress, task_result"
+KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat"
+UTILIZATION_KEYS = ("cpu_utilization", "ram_utilization", "gpu_utilization")
+GPU_UTILIZATION_KEYS = ("id", "utilization", "memory_used")
+MAX_GPU_MEMORY_MIB = 10**9
 
 
 class ProtocolError(Exception):
@@ -34,6 +37,7 @@ def invalid(message: str) -> ProtocolError:
 
 @dataclass(frozen=True)
 class Register:
+    TYPE: ClassVar[str] = "register"
     hardware: Hardware
     client_id: str | None
     token: str | None
@@ -41,19 +45,23 @@ class Register:
 
 @dataclass(frozen=True)
 class TaskRequest:
+    TYPE: ClassVar[str] = "task_request"
     client_id: str | None
 
 
 @dataclass(frozen=True)
 class TaskProgress:
+    TYPE: ClassVar[str] = "task_progress"
     task_id: int
     round: int | None
     progress: float
     metrics: dict[str, Any]
+    utilization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class TaskResult:
+    TYPE: ClassVar[str] = "task_result"
     task_id: int
     round: int | None
     status: str
@@ -61,7 +69,15 @@ class TaskResult:
     error: str | None
 
 
-Message = Register | TaskRequest | TaskProgress | TaskResult
+@dataclass(frozen=True)
+class Heartbeat:
+    """A sign of life between tasks, with the client's resource use."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    utilization: dict[str, Any] | None
+
+
+Message = Register | TaskRequest | TaskProgress | TaskResult | Heartbeat
 
 
 def _reject_constant(name: str) -> float:
@@ -113,6 +129,62 @@ def _metrics(body: dict[str, Any], where: str) -> dict[str, Any]:
             continue
         raise invalid(f"{where}.metrics.{key} must be a finite number, a boolean or a short string")
     return value
+
+
+def _percent(value: Any, where: str) -> float:
+    if not _number(value) or not 0 <= value <= 100:
+        raise invalid(f"{where} must be a number in 0..100")
+    return float(value)
+
+
+def _unknown_keys(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(str(k)[:32] for k in value if k not in known)
+    if unknown:
+        raise invalid(
+            f"{where} has unknown keys {', '.join(unknown[:5])}; expected some of {', '.join(known)}"
+        )
+
+
+def _utilization(body: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The optional ``utilization`` object: the client's CPU, RAM and GPU use, in percent."""
+    value = body.get("utilization")
+    if value is None:
+        return None
+    where = f"{where}.utilization"
+    if not isinstance(value, dict):
+        raise invalid(f"{where} must be an object")
+    _unknown_keys(value, UTILIZATION_KEYS, where)
+    out: dict[str, Any] = {}
+    for key in ("cpu_utilization", "ram_utilization"):
+        if key in value:
+            out[key] = _percent(value[key], f"{where}.{key}")
+    if "gpu_utilization" in value:
+        gpus = value["gpu_utilization"]
+        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
+            raise invalid(f"{where}.gpu_utilization must be a list of at most {MAX_GPUS} objects")
+        seen: set[int] = set()
+        out["gpu_utilization"] = []
+        for i, gpu in enumerate(gpus):
+            at = f"{where}.gpu_utilization[{i}]"
+            if not isinstance(gpu, dict):
+                raise invalid(f"{at} must be an object")
+            _unknown_keys(gpu, GPU_UTILIZATION_KEYS, at)
+            gpu_id = _int_field(gpu, "id", at, 0, MAX_GPUS - 1, required=True)
+            assert gpu_id is not None
+            if gpu_id in seen:
+                raise invalid(f"{at}.id {gpu_id} appears twice")
+            seen.add(gpu_id)
+            entry: dict[str, Any] = {
+                "id": gpu_id,
+                "utilization": _percent(gpu.get("utilization"), f"{at}.utilization"),
+            }
+            if "memory_used" in gpu:
+                memory = gpu["memory_used"]
+                if not _number(memory) or not 0 <= memory <= MAX_GPU_MEMORY_MIB:
+                    raise invalid(f"{at}.memory_used must be a number of MiB in 0..{MAX_GPU_MEMORY_MIB}")
+                entry["memory_used"] = memory
+            out["gpu_utilization"].append(entry)
+    return out or None  # {} reports nothing
 
 
 def _hardware(body: dict[str, Any]) -> Hardware:
@@ -192,6 +264,7 @@ def parse(frame: str | bytes) -> Message:
             round=_int_field(body, "round", "task_progress", 0, 10**6, required=False),
             progress=float(progress),
             metrics=_metrics(body, "task_progress"),
+            utilization=_utilization(body, "task_progress"),
         )
     if kind == "task_result":
         status = body.get("status")
@@ -209,6 +282,8 @@ def parse(frame: str | bytes) -> Message:
             metrics=_metrics(body, "task_result"),
             error=error_text[:10_000] if error_text else None,
         )
+    if kind == "heartbeat":
+        return Heartbeat(_utilization(body, "heartbeat"))
     if kind is None:
         raise ProtocolError("unknown_type", "a message needs a 'type'")
     raise ProtocolError(

@@ -1,24 +1,36 @@
-"""This machine's CPU and RAM use from /proc (no extra dependency)."""
+"""This machine's CPU and RAM use, measured with psutil (``GET /api/metrics``)."""
 
 from __future__ import annotations
 
-import os
+import threading
+import time
+
+import psutil
+
+WINDOW = 0.25  # seconds of a fresh measurement
+MAX_AGE = 30.0  # a reading older than this is not "now": measure afresh
+
+_lock = threading.Lock()
+_last: float | None = None  # when this process last read the CPU times
 
 
 def cpu_utilization() -> float:
-    """One-minute load average as a percentage of the cores, capped at 100."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return 0.0
-    return round(min(100.0, 100.0 * load / (os.cpu_count() or 1)), 1)
+    """The share of the host's CPU time that was busy (all cores, 0..100) since this process
+    last asked, when that was between WINDOW and MAX_AGE seconds ago; otherwise over a fresh
+    WINDOW (the call then sleeps that long, yielding under gevent).
+
+    Busy and idle times come from the kernel's counters (``/proc/stat`` on Linux), compared
+    between two readings: a measurement of utilization, not the load average."""
+    global _last
+    with _lock:
+        if _last is None or not WINDOW <= time.monotonic() - _last <= MAX_AGE:
+            psutil.cpu_percent(interval=None)  # the start of the window
+            time.sleep(WINDOW)
+        value = psutil.cpu_percent(interval=None)
+        _last = time.monotonic()
+    return round(min(100.0, max(0.0, value)), 1)
 
 
 def ram_utilization() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in f if ":" in line}
-        total, available = info["MemTotal"], info["MemAvailable"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return 0.0
-    return round(100.0 * (total - available) / total, 1)
+    """Memory in use (total less available) as a percentage of the total."""
+    return round(float(psutil.virtual_memory().percent), 1)

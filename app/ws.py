@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -18,9 +20,9 @@ from typing import Any
 from simple_websocket import ConnectionClosed
 
 import server_settings
-from app import jobs, protocol
+from app import jobs, metrics, protocol
 from app.hub import Hub
-from app.protocol import ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
+from app.protocol import Heartbeat, ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
 from store import assignments, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Database, Unavailable
@@ -31,6 +33,7 @@ log = logging.getLogger("aifarm.ws")
 
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
+WEB_PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # kept in a client's session_info
 
 
 class Connection:
@@ -49,6 +52,7 @@ class Connection:
         self._finished: set[int] = set()  # assignments the client reported; never resent
         self._paused: set[int] = set()  # task ids the client was told to pause
         self._progress: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._utilization: dict[str, Any] | None = None  # the latest report, not yet written
         self._tokens = float(settings.WS_MESSAGES_PER_MINUTE)
         self._refilled = time.monotonic()
 
@@ -57,8 +61,10 @@ class Connection:
     def send(self, message: dict[str, Any]) -> None:
         with self._lock, contextlib.suppress(ConnectionClosed):
             self.ws.send(json.dumps(message))
+            metrics.ws_out(message["type"])
 
     def error(self, code: str, message: str) -> None:
+        metrics.ws_error(code)
         self.send({"type": "error", "code": code, "message": message})
 
     def close_superseded(self) -> None:
@@ -101,6 +107,12 @@ class Connection:
             self._progress.clear()
         return items
 
+    def take_utilization(self) -> dict[str, Any] | None:
+        """The resource use the client reported since the last flush (the latest), or None."""
+        with self._lock:
+            latest, self._utilization = self._utilization, None
+        return latest
+
     # --- receiving ---
 
     def serve(self) -> None:
@@ -110,6 +122,7 @@ class Connection:
                 if frame is None:
                     continue
                 if not self._allow():
+                    metrics.ws_rate_limited()
                     self.error(
                         "rate_limited", f"more than {self.settings.WS_MESSAGES_PER_MINUTE} messages a minute"
                     )
@@ -133,8 +146,10 @@ class Connection:
         return True
 
     def _handle(self, frame: str | bytes) -> None:
+        kind = "invalid"  # a frame that does not parse
         try:
             message = protocol.parse(frame)
+            kind = message.TYPE
             if isinstance(message, Register):
                 self._register(message)
             elif self.client_id is None:
@@ -145,6 +160,8 @@ class Connection:
                 self._task_progress(message)
             elif isinstance(message, TaskResult):
                 self._task_result(message)
+            elif isinstance(message, Heartbeat):
+                self._note_utilization(message.utilization)
         except ProtocolError as problem:
             self.error(problem.code, problem.message)
         except Unavailable:
@@ -152,6 +169,8 @@ class Connection:
         except Exception:
             log.exception("event=ws_error client=%s", self.client_id)
             self.error("internal", "internal error; nothing was changed")
+        finally:
+            metrics.ws_in(kind)
 
     def _register(self, msg: Register) -> None:
         if self.client_id is not None:
@@ -169,6 +188,7 @@ class Connection:
                     utcnow(),
                     max_clients=self.settings.MAX_CLIENTS,
                     remote=self.remote,
+                    web=WEB_PROCESS,
                 )
             )
         except clients.AuthFailed:
@@ -234,6 +254,13 @@ class Connection:
         aid = self._find(msg.task_id, msg.round)
         with self._lock:
             self._progress[aid] = (msg.progress, msg.metrics)
+        self._note_utilization(msg.utilization)
+
+    def _note_utilization(self, report: dict[str, Any] | None) -> None:
+        """Keep the latest report; the hub writes it with the next batched flush."""
+        if report is not None:
+            with self._lock:
+                self._utilization = report
 
     def _task_result(self, msg: TaskResult) -> None:
         client_id = self.client_id

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             forget_identity=lambda: state.clear(state_path),
             max_tasks=args.max_tasks,
             display=display,
+            utilization=hardware.UtilizationProbe(include_gpus=device == "cuda").sample,
         )
         connection = Connection(
             args.server, session, backoff=Backoff(), give_up_after=args.give_up_after or None

@@ -1,4 +1,5 @@
-"""What this machine offers, in the shape ``register`` wants: cores, RAM, CUDA GPUs.
+"""What this machine offers, in the shape ``register`` wants: cores, RAM, CUDA GPUs; and how
+busy it is, in the shape ``heartbeat`` and ``task_progress`` carry (:class:`UtilizationProbe`).
 
 The parsing helpers take text so they are testable without the files; :func:`detect` reads
 the real ``/proc`` files (falling back to ``os`` where there is no ``/proc``) and asks torch
@@ -7,6 +8,7 @@ about CUDA GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -86,6 +88,53 @@ def cuda_gpus() -> list[dict[str, Any]]:
     except Exception as error:  # a broken driver must not keep the client from running on CPU
         log.warning("cannot query CUDA GPUs: %s", error)
         return []
+
+
+def cuda_utilization() -> list[dict[str, Any]]:
+    """``[{"id", "utilization", "memory_used"}]`` (percent, MiB) for every CUDA device torch
+    sees; empty without CUDA, or when the driver's management library (NVML, which torch asks
+    through the ``pynvml`` module) cannot answer. No CUDA context is created."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        gpus = []
+        for index in range(torch.cuda.device_count()):
+            entry: dict[str, Any] = {"id": index, "utilization": float(torch.cuda.utilization(index))}
+            with contextlib.suppress(Exception):  # utilization without memory is still worth reporting
+                entry["memory_used"] = round(torch.cuda.device_memory_used(index) / 2**20)
+            gpus.append(entry)
+        return gpus
+    except Exception as error:
+        log.debug("cannot read CUDA GPU utilization: %s", error)
+        return []
+
+
+class UtilizationProbe:
+    """This machine's CPU and RAM use (psutil, when installed) and its CUDA GPUs' (torch, only
+    with ``include_gpus``), as ``{"cpu_utilization", "ram_utilization", "gpu_utilization"}``;
+    what cannot be measured is left out. CPU use is over the time since the previous sample."""
+
+    def __init__(self, *, include_gpus: bool) -> None:
+        self.include_gpus = include_gpus
+        try:
+            import psutil
+        except ImportError:
+            log.info("psutil is not installed: CPU and RAM use are not reported")
+            self._psutil: Any = None
+        else:
+            self._psutil = psutil
+            psutil.cpu_percent(interval=None)  # the start of the first interval
+
+    def sample(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        if self._psutil is not None:
+            report["cpu_utilization"] = round(min(100.0, self._psutil.cpu_percent(interval=None)), 1)
+            report["ram_utilization"] = round(min(100.0, self._psutil.virtual_memory().percent), 1)
+        if self.include_gpus and (gpus := cuda_utilization()):
+            report["gpu_utilization"] = gpus
+        return report
 
 
 def detect(*, include_gpus: bool = True) -> dict[str, Any]:

@@ -20,6 +20,8 @@ Rules it follows (docs/protocol.md):
 * ``pause`` holds the task between batches, ``resume`` releases it, ``stop`` drops it: no
   upload, no result, and a new ``task_request``.
 * Results survive a reconnect (they stay in the outbox); progress and requests do not.
+* With a ``utilization`` probe, the machine's CPU, RAM and GPU use goes out every
+  ``utilization_interval`` seconds: on the next ``task_progress``, or else in a ``heartbeat``.
 * ``error`` ``unavailable``/``internal``/``rate_limited``/``client_disabled``: the results sent
   in the last seconds and the request are sent again after a pause, since "nothing was changed".
 """
@@ -69,6 +71,8 @@ class ClientSession:
         max_tasks: int | None = None,
         display: Display | None = None,
         progress_interval: float = 0.5,
+        utilization: Callable[[], dict[str, Any]] | None = None,
+        utilization_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         spawn: Callable[[Callable[[], None], str], None] = spawn_thread,
     ) -> None:
@@ -78,6 +82,8 @@ class ClientSession:
         self._forget_identity = forget_identity
         self.display = display
         self.progress_interval = progress_interval
+        self.utilization = utilization
+        self.utilization_interval = utilization_interval
         self.clock = clock
 
         self._lock = threading.RLock()
@@ -96,6 +102,7 @@ class ClientSession:
         self._requested = False  # a task_request was sent and not answered yet
         self._retry_at: float | None = None  # after a transient error: when to send again
         self._last_progress: dict[TaskKey, float] = {}
+        self._utilization_at: float | None = None  # when utilization last went out on this connection
 
     # --- connection life ---
 
@@ -125,6 +132,7 @@ class ClientSession:
         """The socket is gone: forget what only mattered to it, keep results for the next one."""
         with self._lock:
             self._requested = False
+            self._utilization_at = None  # the next connection hears it at once
             self._outbox.on_disconnected()
 
     # --- outbox (the transport's side) ---
@@ -322,8 +330,10 @@ class ClientSession:
     # --- timers ---
 
     def tick(self) -> None:
-        """Called often by the transport: resends after a transient server error."""
+        """Called often by the transport: a due ``heartbeat``, resends after a transient server error."""
         with self._lock:
+            if self._outbox.registered and (report := self._utilization_due()) is not None:
+                self._outbox.append({"type": "heartbeat", "utilization": report})
             if self._retry_at is None or self.clock() < self._retry_at or not self._outbox.registered:
                 return
             self._retry_at = None
@@ -417,5 +427,22 @@ class ClientSession:
             if last is not None and now - last < self.progress_interval and progress < 100.0:
                 return
             self._last_progress[assignment.key] = now
+            if (report := self._utilization_due()) is not None:
+                message["utilization"] = report
             # Coalesce: one waiting progress message per task is enough.
             self._outbox.put_progress(message)
+
+    def _utilization_due(self) -> dict[str, Any] | None:
+        """A utilization report when one is due (under the lock); None when not, or empty."""
+        now = self.clock()
+        if self.utilization is None or (
+            self._utilization_at is not None and now - self._utilization_at < self.utilization_interval
+        ):
+            return None
+        self._utilization_at = now
+        try:
+            report = self.utilization()
+        except Exception as error:  # measuring must never stop the client
+            log.warning("cannot measure this machine's utilization: %s", error)
+            return None
+        return report or None

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Table, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from store import assignments
 from store.auth import hash_token, new_client_id, new_token, token_matches
 from store.db import affected
-from store.models import Client, TaskAssignment
+from store.models import Client, Task, TaskAssignment, TaskShard
 from store.states import OPEN_ASSIGNMENT, ClientState
 
 
@@ -47,8 +47,10 @@ def connect(
     *,
     max_clients: int,
     remote: str,
+    web: str | None = None,
 ) -> tuple[str, str | None, bool]:
-    """Register a new client or reconnect a known one on connection ``conn_id``.
+    """Register a new client or reconnect a known one on connection ``conn_id``, held by web
+    process ``web`` (``host:pid``, kept in ``session_info``).
 
     Returns (client_id, token or None when not newly issued, disabled).
     """
@@ -60,6 +62,8 @@ def connect(
     if connected >= max_clients:
         raise ServerFull()
     session_info = {"remote": remote, "connected_at": now.isoformat(), "conn_id": conn_id}
+    if web is not None:
+        session_info["web"] = web
     hardware = {
         "cpu_info": hw.cpu_info,
         "ram_info": hw.ram_info,
@@ -168,6 +172,63 @@ def touch(s: Session, conn_ids: Sequence[str], now: datetime) -> set[str]:
             c for c in s.execute(select(Client.conn_id).where(Client.conn_id.in_(chunk))).scalars() if c
         )
     return alive
+
+
+def record_utilization(s: Session, reports: Mapping[str, dict[str, Any]], now: datetime) -> None:
+    """Store the resource use each live connection (by conn id) last reported: one statement
+    for all of them (the web tier's batched flush). A connection the database no longer knows
+    changes nothing."""
+    if not reports:
+        return
+    table = cast(Table, Client.__table__)  # Core: an executemany by conn id (the ORM's is by primary key)
+    s.execute(
+        update(table)
+        .where(table.c.conn_id == bindparam("report_conn"))
+        .values(utilization=bindparam("report_value"), utilization_at=now),
+        [{"report_conn": conn_id, "report_value": value} for conn_id, value in reports.items()],
+    )
+
+
+def connected_count(s: Session) -> int:
+    """Clients with a live connection on any web process."""
+    return int(
+        s.execute(select(func.count()).select_from(Client).where(Client.conn_id.is_not(None))).scalar_one()
+    )
+
+
+def reported_utilization(s: Session, *, limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """(client id, last reported utilization) of up to ``limit`` connected clients, by id."""
+    rows = s.execute(
+        select(Client.id, Client.utilization)
+        .where(Client.conn_id.is_not(None), Client.utilization.is_not(None))
+        .order_by(Client.id)
+        .limit(limit)
+    )
+    return [(client_id, value) for client_id, value in rows if isinstance(value, dict)]
+
+
+@dataclass(frozen=True)
+class StateCounts:
+    connected: int
+    clients: dict[str, int]  # by status
+    tasks: dict[str, int]  # by status
+    assignments: dict[str, int]  # by status
+    shards: dict[str, int]  # by status
+
+
+def state_counts(s: Session) -> StateCounts:
+    """What ``GET /metrics`` counts: rows by status, and the connected clients."""
+
+    def by_status(column: Any) -> dict[str, int]:
+        return {str(status): int(n) for status, n in s.execute(select(column, func.count()).group_by(column))}
+
+    return StateCounts(
+        connected=connected_count(s),
+        clients=by_status(Client.status),
+        tasks=by_status(Task.status),
+        assignments=by_status(TaskAssignment.status),
+        shards=by_status(TaskShard.status),
+    )
 
 
 def set_disabled(

@@ -143,6 +143,10 @@ class Client(Base):
     turnaround_s: Mapped[float] = mapped_column(Double, nullable=False, server_default=text("0"))
     throughput: Mapped[float | None] = mapped_column(Double)
     task_quota: Mapped[int | None] = mapped_column(Integer)
+    # The resource use it last reported (heartbeat, task_progress): cpu_utilization,
+    # ram_utilization, gpu_utilization [{id, utilization, memory_used}], and when.
+    utilization: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    utilization_at: Mapped[datetime | None] = mapped_column(Micro)
 
     __table_args__ = (
         Index("ix_clients_conn", "conn_id", unique=True),

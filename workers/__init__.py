@@ -12,7 +12,13 @@ from typing import Any
 
 from celery import Celery
 from celery.beat import PersistentScheduler
-from celery.signals import after_setup_logger, worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 
 class Scheduler(PersistentScheduler):
@@ -43,6 +49,26 @@ def _log_to_log_dir(loglevel: int | str | None = None, **_: Any) -> None:
         root = logging.getLogger()
         if isinstance(asked, int) and asked < root.level:
             root.setLevel(asked)
+
+
+@celeryd_init.connect
+def _metrics_folder(**_: Any) -> None:
+    """``celery worker`` (not the embedded one): this worker and its pool count their round
+    and aggregation times into a folder of their own under METRICS_DIR, which the web
+    processes of this host serve on ``GET /metrics`` (docs/operations.md, "Metrics"). This
+    is the worker's first signal: its metrics (``workers/federated.py``) are made later."""
+    import server_settings
+
+    server_settings.setup_metrics_dir(server_settings.load(), "worker")
+
+
+@worker_process_shutdown.connect
+def _metrics_process_dead(pid: int | None = None, **_: Any) -> None:
+    """A pool process ends: its live gauges go (counters and histograms stay, as they should)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
 
 
 @worker_init.connect

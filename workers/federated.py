@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from prometheus_client import Histogram
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
@@ -43,6 +44,18 @@ if TYPE_CHECKING:
     from aggregation import RoundResult
 
 log = logging.getLogger(__name__)
+
+# Observed once per round that produced a model, by the worker whose commit won (GET /metrics).
+ROUND_SECONDS = Histogram(
+    "aifarm_round_duration_seconds",
+    "Federated rounds, from the round's start to its committed aggregation",
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+)
+AGGREGATION_SECONDS = Histogram(
+    "aifarm_aggregation_seconds",
+    "Federated rounds: aggregating the updates (planned, run here or as slice jobs), before evaluation",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 
 
 class UpdateRow(TypedDict):
@@ -437,6 +450,9 @@ def complete(
     clock = time.perf_counter()
     outcome = db.run(lambda s: _commit_round(s, job, made, metrics, now))
     commit_s = time.perf_counter() - clock
+    if outcome != "noop":
+        ROUND_SECONDS.observe(metrics["seconds"])
+        AGGREGATION_SECONDS.observe(aggregation_s)
     if outcome != "noop" and round_no > 0:
         blobs.remove(paths.round_dir(task_id, round_no - 1))  # only checkpoints keep older models
     log.info(

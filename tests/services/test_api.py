@@ -194,7 +194,7 @@ def test_the_openapi_document_matches_the_routes(server: int) -> None:
     app = create_app({"DATABASE_URL": "sqlite://", "REDIS_URL": ""})
     routes: dict[str, set[str]] = {}
     for rule in app.url_map.iter_rules():
-        if rule.rule.startswith(("/api", "/admin/")) or rule.rule == "/healthz":
+        if rule.rule.startswith(("/api", "/admin/")) or rule.rule in ("/healthz", "/metrics"):
             path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule).replace("{round_no}", "{round}")
             routes.setdefault(path, set()).update(m.lower() for m in rule.methods - {"HEAD", "OPTIONS"})
     documented = {path: set(ops) for path, ops in doc["paths"].items()}
