@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -124,6 +126,11 @@ class Settings:
     METRICS_CLIENT_LIMIT: int = 1000  # connected clients with their own utilization series on /metrics
 
     LOG_LEVEL: str = "INFO"
+    # server.log, error.log and access.log each roll over at this size into .1 .. .N (N =
+    # LOG_BACKUP_COUNT), safely with every process of the host writing (a lock file beside
+    # them). 0: never; use an external logrotate instead (the files are reopened when moved).
+    LOG_MAX_BYTES: int = 100 * 1024 * 1024
+    LOG_BACKUP_COUNT: int = 5
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -171,7 +178,8 @@ _configured_dir: str | None = None
 
 
 def setup_logging(settings: Settings) -> None:
-    """Send logs to LOG_DIR: server.log (everything), error.log (errors), access.log (HTTP).
+    """Send logs to LOG_DIR: server.log (everything), error.log (errors), access.log (HTTP),
+    rotated by size (LOG_MAX_BYTES, LOG_BACKUP_COUNT).
 
     Log lines are key=value (``task=sweep state=finish expired=3``). Idempotent per process.
     """
@@ -183,7 +191,14 @@ def setup_logging(settings: Settings) -> None:
     fmt = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
 
     def handler(name: str, level: int) -> logging.Handler:
-        h = logging.handlers.WatchedFileHandler(log_dir / name)
+        h: logging.Handler
+        (log_dir / name).touch()  # every log exists from the start, as the docs say
+        if settings.LOG_MAX_BYTES > 0:
+            h = ConcurrentRotatingFileHandler(
+                log_dir / name, maxBytes=settings.LOG_MAX_BYTES, backupCount=settings.LOG_BACKUP_COUNT
+            )
+        else:
+            h = logging.handlers.WatchedFileHandler(log_dir / name)
         h.setLevel(level)
         h.setFormatter(fmt)
         return h
