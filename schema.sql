@@ -2,8 +2,8 @@
 --
 -- The specification's three tables (tasks, task_assignments, clients) keep their names,
 -- columns and enum values. Everything else is additive: extra columns (marked "additive"),
--- extra enum values at the end of an enum, and the tables task_shards, task_rounds and
--- admin_tokens. store/models.py mirrors this file; tests/services/test_schema.py applies
+-- extra enum values at the end of an enum, and the tables task_shards, task_rounds,
+-- admin_tokens and audit_log. store/models.py mirrors this file; tests/services/test_schema.py applies
 -- this file to MariaDB and compares it with the models.
 --
 -- Apply with:  mysql ai_farm < schema.sql
@@ -140,11 +140,26 @@ CREATE TABLE task_rounds (
 
 -- Admin API tokens, stored as SHA-256 of the token. ADMIN_TOKEN from the environment is
 -- accepted without a row here. A sign-in to the admin panel (ADMIN_USERNAME and
--- ADMIN_PASSWORD) issues a token that expires (expires_at); API tokens have none.
+-- ADMIN_PASSWORD) issues a token that expires (expires_at), labelled panel:<user>. API
+-- tokens (POST /api/tokens, python -m app token) expire only when created with expires_in.
+-- A revoked token's row is deleted.
 CREATE TABLE admin_tokens (
     id INT AUTO_INCREMENT PRIMARY KEY,
     token_hash VARCHAR(64) NOT NULL UNIQUE,
     label VARCHAR(255) NOT NULL,
     created_at DATETIME NOT NULL,
-    expires_at DATETIME
+    expires_at DATETIME,
+    last_used_at DATETIME  -- refreshed at most once a minute
+);
+
+-- Every admin write and panel sign-in, newest last: who (token:<id>, user:<name>, env for
+-- ADMIN_TOKEN, anonymous for a failed sign-in), what, on what, from where.
+CREATE TABLE audit_log (
+    id INT AUTO_INCREMENT PRIMARY KEY,
+    at DATETIME(6) NOT NULL,
+    actor VARCHAR(255) NOT NULL,
+    action VARCHAR(64) NOT NULL,
+    target VARCHAR(255),
+    detail JSON,
+    remote VARCHAR(64)
 );

@@ -16,7 +16,7 @@ from flask_limiter.util import get_remote_address
 from flask_sock import Sock
 
 import server_settings
-from app import api, dashboard, errors, metrics, models_api, openapi, validation
+from app import admin_api, api, auth, dashboard, errors, metrics, models_api, openapi, validation
 from app.hub import Hub
 from app.ws import Connection
 from store import clients
@@ -59,16 +59,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         swallow_errors=True,  # a Redis hiccup must not turn every request into a 500
         headers_enabled=True,  # Retry-After on a 429, X-RateLimit-* on every limited answer
     )
-    limiter.limit(settings.RATE_LIMIT)(api.bp)
-    limiter.limit(
-        settings.CLIENT_RATE_LIMIT,
-        key_func=lambda: request.headers.get("X-Client-Id") or get_remote_address(),
-    )(models_api.bp)
+    # Per admin for a valid admin token, per address otherwise; per client id only for that
+    # client's own token (docs/security.md, "Limits"). One budget over both admin blueprints.
+    admin_limit = limiter.shared_limit(settings.RATE_LIMIT, scope="admin_api", key_func=auth.admin_rate_key)
+    admin_limit(api.bp)
+    admin_limit(admin_api.bp)
+    limiter.limit(settings.CLIENT_RATE_LIMIT, key_func=auth.exchange_rate_key)(models_api.bp)
     limiter.limit(settings.ADMIN_LOGIN_RATE_LIMIT)(dashboard.session_bp)
 
     errors.register(app)
     app.url_value_preprocessor(validation.ids_in_bounds)
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin_api.bp)
     app.register_blueprint(models_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(dashboard.session_bp)

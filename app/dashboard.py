@@ -12,9 +12,10 @@ import hmac
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.security import check_password_hash
 
+from app.admin_api import note
 from app.auth import admin_required, bearer, db
 from app.errors import ApiError
 from store.auth import create_admin_session, end_admin_session
@@ -61,10 +62,13 @@ def login() -> tuple[Response, int]:
     password_ok = password_matches(password, settings.ADMIN_PASSWORD)  # checked even for a wrong name
     if not (name_ok and password_ok):
         log.warning("event=admin_login state=failed remote=%s", request.remote_addr)
+        note("sign_in_failed", None, username=username[:64])  # audited as actor "anonymous"
         raise ApiError(401, "wrong username or password")
     token, expires = db().run(
         lambda s: create_admin_session(s, settings.ADMIN_USERNAME, settings.ADMIN_SESSION_TTL, utcnow())
     )
+    g.actor = f"user:{settings.ADMIN_USERNAME}"
+    note("sign_in", None, expires_at=expires.isoformat(timespec="seconds") + "Z")
     log.info("event=admin_login state=ok user=%s remote=%s", settings.ADMIN_USERNAME, request.remote_addr)
     reply = {
         "token": token,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import validation
+from app import admin_api, validation
 from store.models import ASSIGNMENT_STATUSES, CLIENT_STATUSES, TASK_STATUSES
 from training import spec
 
@@ -440,6 +440,8 @@ def document() -> dict[str, Any]:
             }
         },
     }
+    schemas.update(TOKEN_SCHEMAS)
+    paths.update(token_and_audit_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -466,5 +468,127 @@ def document() -> dict[str, Any]:
                 "clientId": {"type": "apiKey", "in": "header", "name": "X-Client-Id"},
                 "metricsToken": {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN"},
             },
+        },
+    }
+
+
+DATE_TIME = {"type": "string", "format": "date-time"}
+NULLABLE_DATE_TIME = {"type": ["string", "null"], "format": "date-time"}
+TOKEN_FIELDS: dict[str, Any] = {
+    "id": {"type": "integer"},
+    "label": {"type": "string"},
+    "kind": {"enum": ["api", "panel"], "description": "panel: a sign-in (label panel:<user>)"},
+    "created_at": DATE_TIME,
+    "expires_at": NULLABLE_DATE_TIME,
+    "last_used_at": {**NULLABLE_DATE_TIME, "description": "refreshed at most once a minute"},
+    "expired": {"type": "boolean"},
+}
+TOKEN_SCHEMAS: dict[str, Any] = {
+    "AdminToken": _object(TOKEN_FIELDS),
+    "NewAdminToken": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "label": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": admin_api.LABEL_MAX,
+                "default": "api",
+                "description": "not starting with 'panel:'",
+            },
+            "expires_in": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": admin_api.EXPIRES_IN_MAX,
+                "description": "seconds; null or absent: never expires",
+            },
+        },
+    },
+    "AuditEntry": _object(
+        {
+            "id": {"type": "integer"},
+            "at": DATE_TIME,
+            "actor": {
+                "type": "string",
+                "description": "token:<id>, user:<name>, env (ADMIN_TOKEN), anonymous",
+            },
+            "action": {"type": "string"},
+            "target": {"type": ["string", "null"], "description": "task:<id>, client:<id>, token:<id>"},
+            "detail": {"type": ["object", "null"], "description": "what was asked, and http_status"},
+            "remote": {"type": ["string", "null"]},
+        }
+    ),
+}
+
+
+def token_and_audit_paths() -> dict[str, Any]:
+    """Admin tokens, client token rotation and revocation, the audit log (app/admin_api.py)."""
+    token_id = {"name": "token_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+    secret = {"type": "string", "description": "the secret, shown only in this answer"}
+    client_token = {
+        "client_id": {"type": "string"},
+        "disconnected": {"type": "boolean", "description": "it was connected: its socket is closed"},
+    }
+    return {
+        "/api/tokens": {
+            "get": {
+                "summary": "List stored admin tokens (never their secrets)",
+                "responses": {
+                    "200": _json(_object({"items": {"type": "array", "items": _ref("AdminToken")}})),
+                    **AUTH_ERRORS,
+                },
+            },
+            "post": {
+                "summary": "Create an admin API token; its secret is shown once",
+                "requestBody": {**_body(_ref("NewAdminToken")), "required": False},
+                "responses": {
+                    "201": _json(_object({**TOKEN_FIELDS, "token": secret}), "created"),
+                    "400": _error("bad label or expires_in"),
+                    **AUTH_ERRORS,
+                },
+            },
+        },
+        "/api/tokens/{token_id}": {
+            "delete": {
+                "summary": "Revoke an admin token: the next request with it is a 401, in every process",
+                "parameters": [token_id],
+                "responses": {
+                    "200": _json(_object({"revoked": {"type": "integer"}})),
+                    "404": _error("no such token"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/clients/{client_id}/token": {
+            "post": {
+                "summary": "Rotate a client's token: a new secret, shown once; the old one stops "
+                "working and a connected client is disconnected",
+                "parameters": [CLIENT_ID],
+                "responses": {
+                    "200": _json(_object({**client_token, "token": secret})),
+                    "404": _error("no such client"),
+                    **AUTH_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Revoke a client's token: it is disconnected and must register afresh",
+                "parameters": [CLIENT_ID],
+                "responses": {
+                    "200": _json(_object({**client_token, "revoked": {"type": "boolean"}})),
+                    "404": _error("no such client"),
+                    **AUTH_ERRORS,
+                },
+            },
+        },
+        "/api/audit": {
+            "get": {
+                "summary": "The audit log: admin writes and panel sign-ins, newest first",
+                "parameters": PAGE_PARAMS,
+                "responses": {
+                    "200": _json(_page_of("AuditEntry")),
+                    "400": _error("bad page"),
+                    **AUTH_ERRORS,
+                },
+            }
         },
     }

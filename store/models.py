@@ -1,8 +1,8 @@
 """SQLAlchemy models. They mirror ``schema.sql`` exactly (a test compares the two on MariaDB).
 
 The specification's three tables keep their names, columns and enum values; what we add is
-additive: columns, enum values, and the tables ``task_shards``, ``task_rounds`` and
-``admin_tokens``. Timestamps are naive UTC.
+additive: columns, enum values, and the tables ``task_shards``, ``task_rounds``,
+``admin_tokens`` and ``audit_log``. Timestamps are naive UTC.
 """
 
 from __future__ import annotations
@@ -217,3 +217,18 @@ class AdminToken(Base):
     label: Mapped[str] = mapped_column(String(255), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEntry(Base):
+    """One admin write or panel sign-in (``store/audit.py``)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(Micro, nullable=False)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    target: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    remote: Mapped[str | None] = mapped_column(String(64))
