@@ -60,9 +60,9 @@ class Settings:
     SERVER_HOST: str = "0.0.0.0"
     SERVER_PORT: int = 8000
     # The WebSocket is served on SERVER_PORT at /ws, and models over HTTP on the same port;
-    # WEBSOCKET_PORT and MODEL_SERVER_PORT are read for compatibility and otherwise unused.
+    # WEBSOCKET_PORT is read for compatibility and otherwise unused.
     WEBSOCKET_PORT: int = 8765
-    MODEL_SERVER_PORT: int = 5000
+    MODEL_SERVER_PORT: int = 5000  # the predict server, python -m training.serve (docs/operations.md)
     MAX_CLIENTS: int = 100  # clients connected at once; the next one gets `server_full`
     MAX_TASKS_PER_CLIENT: int = 3  # open assignments one client may hold
     CONNECTION_TIMEOUT: int = 60  # seconds without a sign of life before a client is inactive

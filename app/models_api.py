@@ -20,8 +20,9 @@ from app.errors import ApiError
 from store import blobs, reliability, updates
 from store.assignments import NotAssigned, Superseded, UnknownTask
 from store.blobs import BlobStore, Header, InvalidModel, TooLarge
-from store.models import Task, TaskAssignment, TaskRound
-from store.states import TaskState
+from store.models import FEDERATED, Task, TaskAssignment, TaskRound
+from store.states import RoundState, TaskState
+from training import export
 
 bp = Blueprint("models", __name__, url_prefix="/api")
 
@@ -95,6 +96,66 @@ def final_model(task_id: int) -> Response:
     if rel is None:
         raise ApiError(404, f"task {task_id} has no checkpoint yet", "no_model")
     return _model_response(rel, sha or blobs.sha256_file(store().path(rel)), f"task{task_id}.safetensors")
+
+
+def _completed_task(s: Session, task_id: int) -> Task:
+    task = s.get(Task, task_id)
+    if task is None:
+        raise ApiError(404, f"no task {task_id}", "unknown_task")
+    if task.status != TaskState.COMPLETED or task.type != FEDERATED:
+        raise ApiError(404, f"task {task_id} is not a completed federated task", "no_model")
+    return task
+
+
+@bp.get("/tasks/<int:task_id>/export")
+def task_export(task_id: int) -> Response:
+    """The completed task's final model as a torch.export program (.pt2), written by the worker
+    that completed it. Admin token."""
+    if not is_admin():
+        raise ApiError(401, "missing or invalid admin token")
+    db().run(lambda s: _completed_task(s, task_id))
+    path = store().path(export.export_rel(task_id))
+    if not path.exists():
+        raise ApiError(404, f"task {task_id} has no export (yet)", "no_model")
+    response = send_file(
+        path,
+        mimetype="application/octet-stream",
+        as_attachment=True,
+        download_name=export.download_name(task_id),
+    )
+    response.headers["X-Checksum-Sha256"] = blobs.sha256_file(path)
+    return response
+
+
+@bp.get("/tasks/<int:task_id>/model-card")
+def model_card(task_id: int) -> Response:
+    """The completed task's model card (JSON): config, data, per-round metrics, final accuracy."""
+    if not is_admin():
+        raise ApiError(401, "missing or invalid admin token")
+
+    def read(s: Session) -> tuple[Task, list[TaskRound]]:
+        task = _completed_task(s, task_id)
+        rounds = s.execute(
+            select(TaskRound)
+            .where(TaskRound.task_id == task_id, TaskRound.status == RoundState.DONE)
+            .order_by(TaskRound.round)
+        ).scalars()
+        return task, list(rounds)
+
+    task, rounds = db().run(read)
+    path = store().path(export.export_rel(task_id))
+    exists = path.exists()
+    card = export.model_card(
+        task_id=task_id,
+        config=task.config or {},
+        result=task.result or {},
+        rounds=[r.metrics or {"round": r.round} for r in rounds],
+        created_at=task.created_at,
+        completed_at=max((r.finished_at for r in rounds if r.finished_at), default=task.updated_at),
+        export_sha256=blobs.sha256_file(path) if exists else None,
+        export_bytes=path.stat().st_size if exists else None,
+    )
+    return jsonify(card)
 
 
 def _drain() -> None:

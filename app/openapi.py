@@ -346,6 +346,41 @@ def document() -> dict[str, Any]:
                 },
             }
         },
+        "/api/tasks/{task_id}/export": {
+            "get": {
+                "summary": "A completed task's final model as a torch.export program (.pt2): "
+                "torch.export.load(path).module() maps raw inputs to logits (docs/training.md, 'Export')",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": {"description": "the .pt2 archive; header X-Checksum-Sha256", "content": BINARY},
+                    "404": _error("no such task, not a completed federated task, or no export"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/api/tasks/{task_id}/model-card": {
+            "get": {
+                "summary": "A completed task's model card: config, dataset, per-round metrics, final "
+                "accuracy, the export's format and checksum",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            {
+                                "task_id": {"type": "integer"},
+                                "config": {"type": "object"},
+                                "dataset": {"type": "object"},
+                                "rounds": {"type": "array", "items": {"type": "object"}},
+                                "final": {"type": "object"},
+                                "export": {"type": "object"},
+                            }
+                        )
+                    ),
+                    "404": _error("no such task, or not a completed federated task"),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
         "/api/tasks/{task_id}/rounds/{round}/model": {
             "get": {
                 "summary": "The global model a round trains from, safetensors (its clients, or admin)",

@@ -484,7 +484,22 @@ def _write_next_model(
     )
     if checkpoint:
         blobs.link(model_rel, paths.checkpoint_rel(task_id, next_round))
+    if final:
+        _write_export(blobs, task_id, cfg, result.params)
     return NextModel(model_rel, model_sha, state_rel, checkpoint, final)
+
+
+def _write_export(blobs: BlobStore, task_id: int, cfg: dict[str, Any], params: dict[str, Any]) -> None:
+    """The final model as a program that runs with torch alone (docs/training.md, "Export"),
+    on disk before the commit that completes the task. A failure here must not keep the task
+    from completing (its weights are the product): it is logged, and the predict server
+    builds the missing export from the final checkpoint when first asked."""
+    from training import export, program
+
+    try:
+        blobs.write(export.export_rel(task_id), program.program_bytes(task_id, cfg, params))
+    except Exception:
+        log.exception("event=export state=failed task=%d", task_id)
 
 
 def _round_metrics(
