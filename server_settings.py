@@ -21,8 +21,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from concurrent_log_handler import ConcurrentRotatingFileHandler
-
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -194,6 +192,10 @@ def setup_logging(settings: Settings) -> None:
         h: logging.Handler
         (log_dir / name).touch()  # every log exists from the start, as the docs say
         if settings.LOG_MAX_BYTES > 0:
+            # imported here: it imports redis (through portalocker), which imports ssl, and
+            # `python -m app` must monkey-patch ssl for gevent before that happens
+            from concurrent_log_handler import ConcurrentRotatingFileHandler
+
             h = ConcurrentRotatingFileHandler(
                 log_dir / name, maxBytes=settings.LOG_MAX_BYTES, backupCount=settings.LOG_BACKUP_COUNT
             )
