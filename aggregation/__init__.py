@@ -7,7 +7,7 @@ torch is loaded on first attribute access (module ``__getattr__``).
 Public API (see ``docs/aggregation.md``):
 
 - :func:`build_strategy` -> :class:`Strategy` with ``run_round(...)`` -> :class:`RoundResult`;
-  :class:`UpdateFile` describes one client upload.
+  :class:`UpdateFile` describes one client upload; :class:`RoundOptions` the keyword options.
 - Scale-out: :func:`plan_round`, :func:`run_slice` (or :func:`stats_slice` /
   :func:`apply_slice`), :func:`advance_round`, :func:`finish_round`; :func:`plan_slices`
   and :func:`read_meta` (torch-free).
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .rounds import (
         DEFAULT_CHUNK_BYTES,
         DEFAULT_MAX_SLICE_BYTES,
+        RoundOptions,
         RoundResult,
         Strategy,
         UpdateFile,
@@ -63,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "save_state": "state",
     "DEFAULT_CHUNK_BYTES": "rounds",
     "DEFAULT_MAX_SLICE_BYTES": "rounds",
+    "RoundOptions": "rounds",
     "RoundResult": "rounds",
     "Strategy": "rounds",
     "UpdateFile": "rounds",
@@ -85,6 +87,7 @@ __all__ = [
     "InvalidFile",
     "NotEnoughUpdates",
     "Piece",
+    "RoundOptions",
     "RoundResult",
     "Slice",
     "Strategy",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 
 import torch
 
 from ._sources import scratch
+from .seeds import noise_seed
 from .slicing import BLOCK
 
 #: Norms are reduced over rows of this many elements (aligned to the start of each tensor),
@@ -119,13 +119,6 @@ def fsum(values: list[float]) -> float:
         return math.fsum(values)
     except (OverflowError, ValueError):  # inf - inf, or an intermediate overflow
         return math.inf if all(math.isfinite(v) or v == math.inf for v in values) else math.nan
-
-
-def noise_seed(seed: int, round_seed: int, name: str, block: int) -> int:
-    """The generator seed of one noise block: a hash of the round, tensor name and block
-    index, so the noise of an element does not depend on how the model was sliced."""
-    h = hashlib.blake2b(f"{seed}\x1f{round_seed}\x1f{name}\x1f{block}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def add_noise_(

@@ -9,23 +9,16 @@ import torch
 
 from ._sources import SAFETENSORS_DTYPES
 from .errors import NotEnoughUpdates
-from .rounds import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_MAX_SLICE_BYTES,
-    MEAN_WINDOW,
-    RoundResult,
-    _Memory,
-    _new_plan,
-    _run,
-    example_shares,
-)
-from .slicing import plan_slices
+from .meta import TensorMeta
+from .rounds import MEAN_WINDOW, MemoryModels, RoundResult, UpdateEntry, example_shares, new_plan, run_plan
 from .spec import FUNCTIONAL_RULES, normalize_without_clients, shortfall
+
+Updates = Sequence[tuple[Mapping[str, torch.Tensor], int]]
 
 
 def aggregate(
     rule: str,
-    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+    updates: Updates,
     *,
     out: Mapping[str, torch.Tensor] | None = None,
     **params: Any,
@@ -40,16 +33,11 @@ def aggregate(
 
     ``out``: a previous result (or any tensors) to overwrite instead of allocating new ones,
     like ``run_round(reuse=...)``: a tensor is reused when its name, shape and dtype match
-    and it is contiguous (saves the page faults of fresh memory, which cost more than the
-    arithmetic for big models). It must not share memory with the updates (``ValueError``);
+    and it is contiguous. It must not share memory with the updates (``ValueError``);
     after an error its contents are unspecified.
 
-    ``fedavg`` over float32/float64 models is one blocked pass, ``sum_k c_k u_k`` with the
-    accumulator window in cache (each update byte read once, no copies: extra memory is the
-    result); it equals a round's ``g + sum_k c_k (u_k - g)`` up to rounding. When that sum
-    is not finite, or for other dtypes and the other rules, it runs the same kernels, in the
-    same order, as a round of the same rule without clipping (so a NaN/Inf update gets the
-    round's precise refusal). Accumulates in float32 (float64 for float64 inputs).
+    Accumulates in float32 (float64 for float64 inputs); fedavg over float32/float64 models
+    is one blocked pass, the rest run a round's kernels (``docs/aggregation.md``).
     Raises ``ValueError`` for mismatched models, non-positive example counts or non-finite
     values, and :class:`~aggregation.NotEnoughUpdates` when the rule needs more updates
     (e.g. Krum needs n > 2f + 2).
@@ -60,20 +48,53 @@ def aggregate(
         raise ValueError(
             "aggregate() takes no clipping or noise parameters; use build_strategy().run_round()"
         )
-    sparams = normalize_without_clients(rule, params)
+    strategy_params = normalize_without_clients(rule, params)
     if not updates:
         raise NotEnoughUpdates(f"{rule} needs at least 1 update, got 0")
     first = updates[0][0]
+    model = _model_of(first)
+    entries = _entries(updates, first)
+    reason = shortfall(rule, strategy_params, len(updates))
+    if reason:
+        raise NotEnoughUpdates(reason)
+    reuse = _reusable(out or {}, first, updates)
+    if rule == "fedavg" and all(t.dtype in _FAST_DTYPES for t in first.values()):
+        shares = example_shares([c for _, c in updates], strategy_params.get("weighting", "examples"))
+        fast = _weighted_sum([sd for sd, _ in updates], shares, reuse)
+        if fast is not None:
+            return fast
+    # distances and norms are taken relative to the first model (translation invariant)
+    plan = new_plan(rule, strategy_params, model, entries)
+    previous = RoundResult(params=reuse, state={}, report={}) if reuse else None
+    result = run_plan(plan, memory=MemoryModels(first, [sd for sd, _ in updates]), reuse=previous)
+    bad = [f"updates[{k}]: {u.reason}" for k, u in enumerate(plan.updates) if not u.accepted]
+    if bad:
+        raise ValueError("; ".join(bad))
+    assert result.params is not None
+    return result.params
+
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _model_of(first: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
+    """Names, shapes and dtypes of the first model (CPU tensors of a safetensors dtype)."""
     if not first:
         raise ValueError("updates[0] has no tensors")
-    model: dict[str, Any] = {}
+    model: dict[str, TensorMeta] = {}
     for name, t in first.items():
         if t.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
         if t.device.type != "cpu":
             raise ValueError(f"tensor {name!r} is not on the CPU")
-        model[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape)}
-    entries: list[dict[str, Any]] = []
+        model[name] = TensorMeta(SAFETENSORS_DTYPES[t.dtype], tuple(t.shape), 0, 0)
+    return model
+
+
+def _entries(updates: Updates, first: Mapping[str, torch.Tensor]) -> list[UpdateEntry]:
+    """One accepted entry per update; ``ValueError`` when one does not match the first
+    model or its example count is not a positive integer."""
+    entries: list[UpdateEntry] = []
     for k, (sd, count) in enumerate(updates):
         if set(sd) != set(first):
             raise ValueError(f"updates[{k}] has different tensor names than updates[0]")
@@ -85,56 +106,14 @@ def aggregate(
                 )
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise ValueError(f"updates[{k}]: num_examples must be a positive integer, got {count!r}")
-        entries.append(
-            {
-                "key": str(k),
-                "path": None,
-                "num_examples": count,
-                "max_examples": count,
-                "examples": count,
-                "accepted": True,
-                "reason": None,
-            }
-        )
-    reason = shortfall(rule, sparams, len(updates))
-    if reason:
-        raise NotEnoughUpdates(reason)
-    reuse = _reusable(out or {}, first, updates)
-    if rule == "fedavg" and all(t.dtype in _FAST_DTYPES for t in first.values()):
-        shares = example_shares([c for _, c in updates], sparams.get("weighting", "examples"))
-        fast = _weighted_sum([sd for sd, _ in updates], shares, reuse)
-        if fast is not None:
-            return fast
-    plan = _new_plan(
-        rule,
-        sparams,
-        model,
-        entries,
-        global_path=None,
-        state_path=None,
-        state_present=[],
-        clip_norm_state=None,
-        round_seed=0,
-        slices=[s.to_json() for s in plan_slices(model, DEFAULT_MAX_SLICE_BYTES)],
-        chunk_bytes=DEFAULT_CHUNK_BYTES,
-    )
-    # distances and norms are taken relative to the first model (translation invariant)
-    previous = RoundResult(params=reuse, state={}, report={}) if reuse else None
-    result = _run(plan, _Memory(first, [sd for sd, _ in updates]), previous)
-    bad = [f"updates[{k}]: {u['reason']}" for k, u in enumerate(result.plan["updates"]) if not u["accepted"]]
-    if bad:
-        raise ValueError("; ".join(bad))
-    assert result.params is not None
-    return result.params
-
-
-_FAST_DTYPES = (torch.float32, torch.float64)
+        entries.append(UpdateEntry(str(k), None, count, count, count))
+    return entries
 
 
 def _reusable(
     out: Mapping[str, torch.Tensor],
     first: Mapping[str, torch.Tensor],
-    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+    updates: Updates,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``out`` that can hold the result (matching name, shape, dtype;
     contiguous, on the CPU); ``ValueError`` when one shares memory with an update."""
