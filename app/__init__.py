@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -20,7 +21,7 @@ from app import admin_api, api, auth, dashboard, errors, metrics, models_api, op
 from app.hub import Hub
 from app.ws import Connection
 from store import clients
-from store.bus import LocalBus, RedisBus, set_bus
+from store.bus import Bus, LocalBus, RedisBus, set_bus
 from store.db import Database, set_db
 
 access_log = logging.getLogger("aifarm.access")
@@ -75,11 +76,33 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(dashboard.session_bp)
 
-    @app.get("/healthz")
+    app.add_url_rule("/healthz", "healthz", healthz_view(db, bus, settings))
+
+    @app.get("/api/openapi.json")
+    def openapi_json() -> Response:
+        return jsonify(openapi.document())
+
+    sock = Sock(app)
+
+    @sock.route("/ws")
+    def ws(socket: Any) -> None:
+        hub.start()
+        Connection(socket, hub, db, settings, request.remote_addr or "?").serve()
+
+    add_access_log(app)
+    return app
+
+
+def healthz_view(
+    db: Database, bus: Bus, settings: server_settings.Settings
+) -> Callable[[], tuple[Response, int]]:
+    """``GET /healthz``: the database and the broker answer, and how many clients are connected
+    to any web process (the database's view; None when it is down). 503 when either is down."""
+
     def healthz() -> tuple[Response, int]:
         db_ok = db.ping()
         broker_ok = bus.ping()
-        connected = None  # clients connected to any web process, as the database knows them
+        connected = None
         if db_ok:
             try:
                 connected = db.run(clients.connected_count)
@@ -95,16 +118,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         }
         return jsonify(body), 200 if db_ok and broker_ok else 503
 
-    @app.get("/api/openapi.json")
-    def openapi_json() -> Response:
-        return jsonify(openapi.document())
+    return healthz
 
-    sock = Sock(app)
 
-    @sock.route("/ws")
-    def ws(socket: Any) -> None:
-        hub.start()
-        Connection(socket, hub, db, settings, request.remote_addr or "?").serve()
+def add_access_log(app: Flask) -> None:
+    """One ``aifarm.access`` line per HTTP request: address, method, path, status, bytes, ms."""
 
     @app.before_request
     def _start_timer() -> None:
@@ -119,5 +137,3 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             response.content_length if response.content_length is not None else "-", elapsed,
         )  # fmt: skip
         return response
-
-    return app
