@@ -298,8 +298,8 @@ class Connection:
             self._held.pop(assignment.id, None)
             self._progress.pop(assignment.id, None)
         log.info(
-            "event=result task=%d round=%d rank=%d client=%s status=%s shard=%s",
-            msg.task_id, assignment.round, assignment.rank, client_id, msg.status,
+            "event=result task=%d round=%d rank=%d client=%s assignment=%d status=%s shard=%s",
+            msg.task_id, assignment.round, assignment.rank, client_id, assignment.id, msg.status,
             shard.status if shard else "-",
         )  # fmt: skip
         jobs.enqueue("workers.tasks.advance_task", msg.task_id)

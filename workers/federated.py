@@ -303,7 +303,8 @@ def lease_kept(db: Database, job: Job, settings: server_settings.Settings) -> It
             try:
                 renew_lease(db, job["task_id"], job["round"])
             except Exception as error:  # the next try may work; an expired lease is only a redo
-                log.warning("event=lease_renewal state=failed task=%d error=%s", job["task_id"], error)
+                log.warning("event=lease_renewal state=failed task=%d round=%d error=%s",
+                            job["task_id"], job["round"], error)  # fmt: skip
 
     keeper = threading.Thread(target=keep, name="aggregation-lease", daemon=True)
     keeper.start()

@@ -166,7 +166,7 @@ def advance(s: Session, task_id: int, now: datetime) -> tuple[str, list[str]]:
     task.status = TaskState.COMPLETED
     task.status_reason = None
     task.updated_at = now
-    log.info("event=task_completed task=%d ranks=%d", task_id, len(per_rank))
+    log.info("event=task_completed task=%d round=%d ranks=%d", task_id, task.current_round, len(per_rank))
     return "completed", []
 
 

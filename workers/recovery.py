@@ -48,7 +48,7 @@ def reconcile(db: Database, store: BlobStore, settings: server_settings.Settings
     orphans = orphan_task_dirs(db, store, time.time(), limit=settings.SWEEP_LIMIT)
     for task_id in orphans:
         log.info("event=orphan_files task=%d action=purge", task_id)
-        purge_task_files.delay(task_id)
+        purge_task_files.delay(task_id=task_id)
     scheduled = 0
     if db.run(clients_wait_for_queued_work) and get_bus().set_flag(SCHEDULE_PENDING, ttl=5.0):
         schedule.delay()

@@ -147,7 +147,7 @@ def advance_task(self: Any, task_id: int) -> str:
         round_no = db.run(
             lambda s: s.execute(select(Task.current_round).where(Task.id == task_id)).scalar_one()
         )
-        aggregate_round.delay(task_id, round_no)
+        aggregate_round.delay(task_id=task_id, round_no=round_no)
     return outcome
 
 
@@ -172,7 +172,7 @@ def aggregate_round(self: Any, task_id: int, round_no: int) -> str:
         federated.plan(blobs(), job, settings())
         if federated.slices(job) > 1 and not settings().embedded:
             _fan_out(federated.save_job(blobs(), job))
-            log.info("task=aggregate_round id=%d round=%d slices=%d state=fanned_out",
+            log.info("event=aggregate_round task=%d round=%d slices=%d state=fanned_out",
                      task_id, round_no, federated.slices(job))  # fmt: skip
             return "sliced"
         result = federated.run_here(job)
@@ -187,12 +187,12 @@ def _fan_out(job_rel: str) -> None:
     from workers import federated
 
     job = federated.load_job(blobs(), job_rel)
-    header = [aggregate_slice.s(job_rel, k) for k in range(federated.slices(job))]
-    chord(header)(finish_sliced_round.s(job_rel))
+    header = [aggregate_slice.s(job_rel=job_rel, index=k) for k in range(federated.slices(job))]
+    chord(header)(finish_sliced_round.s(job_rel=job_rel))
 
 
 def _completed(outcome: str, job: Job) -> str:
-    log.info("task=aggregate_round id=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
+    log.info("event=aggregate_round task=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
     if outcome in ("next_round", "failed"):
         serve_waiting()  # the next round's shards are queued: hand them out now
     return outcome
@@ -266,7 +266,7 @@ def sweep_once(now: datetime) -> dict[str, int]:
         )
     )
     for client_id, task_id in timed_out:
-        log.info("event=assignment_timed_out client=%s task=%d", client_id, task_id)
+        log.info("event=assignment_timed_out task=%d client=%s", task_id, client_id)
     bus.publish(sorted({client_id for client_id, _ in timed_out}))  # the holders are told to stop
     rounds = {"aggregate": 0, "retry": 0, "failed": 0}
     for task_id, round_no in db.run(lambda s: lifecycle.overdue_rounds(s, now, limit=cfg.SWEEP_LIMIT)):
@@ -278,9 +278,9 @@ def sweep_once(now: datetime) -> dict[str, int]:
         lambda s: lifecycle.stalled(s, now, limit=cfg.SWEEP_LIMIT, lease_s=cfg.AGGREGATION_LEASE)
     )
     for task_id in to_prepare:
-        prepare_task.delay(task_id)
+        prepare_task.delay(task_id=task_id)
     for task_id in sorted(set(to_advance) | {task_id for _, task_id in timed_out}):
-        advance_task.delay(task_id)
+        advance_task.delay(task_id=task_id)
     waiting = db.run(lambda s: lifecycle.explain_waiting(s, now, limit=cfg.SWEEP_LIMIT))
     stats = {
         "expired": len(expired),
@@ -312,9 +312,9 @@ def close_round(task_id: int, round_no: int, now: datetime) -> str:
     outcome, notify = get_db().run(close)
     get_bus().publish(notify)
     if outcome == "aggregate":
-        aggregate_round.delay(task_id, round_no)
+        aggregate_round.delay(task_id=task_id, round_no=round_no)
     elif outcome == "retry":
-        advance_task.delay(task_id)  # a reissued rank may have run out of attempts
+        advance_task.delay(task_id=task_id)  # a reissued rank may have run out of attempts
     log.info("event=round_timeout task=%d round=%d outcome=%s", task_id, round_no, outcome)
     return outcome
 
