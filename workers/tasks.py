@@ -129,7 +129,7 @@ def prepare_task(self: Any, task_id: int) -> bool:
         created = federated.prepare(db, blobs(), task_id, settings())
     else:
         created = db.run(lambda s: lifecycle.prepare_generic(s, task_id, utcnow()))
-    log.info("task=prepare_task id=%d type=%s created=%s", task_id, task_type, created)
+    log.info("event=prepare_task task=%d type=%s created=%s", task_id, task_type, created)
     if created:
         schedule.delay()
     return created

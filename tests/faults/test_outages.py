@@ -455,7 +455,7 @@ def test_queued_and_in_flight_work_survive_a_broker_that_loses_everything(
     wait_for(lambda: not files.exists(), 30, what="the deleted task's files purged")
     log = worker.output()[worker_log:]
     for task_id in (a, b, c):  # each prepared once
-        assert log.count(f"task=prepare_task id={task_id} type=echo created=True") == 1, log
+        assert log.count(f"event=prepare_task task={task_id} type=echo created=True") == 1, log
     sweeps = re.findall(r"task=sweep state=finish .*", log)  # what re-drove B, C and D's purge
     assert any(re.search(r" prepared=[12] ", line) for line in sweeps), log
     assert any(" purged=1 " in f"{line} " for line in sweeps), log
@@ -490,7 +490,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_the_sweep(
     assert shard_counts(db, [task_id]) == [2]
     assert not re.search(r"prepare_task\[[^\]]+\] succeeded", doomed.output()[doomed_log:])
     log = replacement.output()
-    assert log.count(f"task=prepare_task id={task_id} type=echo created=True") == 1
+    assert log.count(f"event=prepare_task task={task_id} type=echo created=True") == 1
     assert re.search(r"task=sweep state=finish .*prepared=1", log), log
 
 
@@ -520,7 +520,7 @@ def test_a_job_whose_pool_process_dies_is_delivered_again_at_once(
         lock.close()
     log = worker.output()[worker_log:]
     assert "WorkerLostError" in log
-    assert log.count(f"task=prepare_task id={task_id} type=echo created=True") == 1
+    assert log.count(f"event=prepare_task task={task_id} type=echo created=True") == 1
     assert worker.alive() and stack.worker is worker
     assert shard_counts(db, [task_id]) == [3]
 

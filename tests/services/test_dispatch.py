@@ -96,7 +96,7 @@ def test_a_waiting_client_locked_at_scheduling_time_is_served_once_free(
             cur.execute("START TRANSACTION")
             cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (client.client_id,))
         task = create_task(server)
-        prepared = f"task=prepare_task id={task['id']} "
+        prepared = f"event=prepare_task task={task['id']} "
 
         def ran_after_prepare() -> bool:
             lines = log.read_text().splitlines()
