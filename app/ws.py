@@ -220,7 +220,9 @@ class Connection:
     def _task_request(self, msg: TaskRequest) -> None:
         self._check_id(msg.client_id)
         if not jobs.broker_ok():
-            raise Unavailable("broker")
+            raise ProtocolError(
+                "unavailable", "the broker is unavailable; nothing was changed, try again shortly"
+            )
         client_id = self.client_id
         assert client_id is not None
         ok = self.db.run(
