@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from training.version import MIN_CLIENT_VERSION
+
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -91,6 +93,9 @@ class Settings:
     WS_MAX_MESSAGE_SIZE: int = 64 << 10  # larger frames close the socket with 1009
     WS_PING_INTERVAL: int = 25  # seconds; a peer that stops answering is dropped
     WS_MESSAGES_PER_MINUTE: int = 600  # per connection; beyond it: error rate_limited
+    # The oldest client version accepted at register (docs/protocol.md, "Versions"); default:
+    # the oldest whose training/ code computes what this server's workers expect.
+    MIN_CLIENT_VERSION: str = MIN_CLIENT_VERSION
 
     # --- Scheduling and sweeps ---
     MAX_SHARD_ATTEMPTS: int = 3  # failed tries of one shard before the task fails

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeGuard
 
 from store.clients import Hardware
+from training.version import VERSION_RE
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
 TASK_TYPE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
@@ -41,6 +42,8 @@ class Register:
     hardware: Hardware
     client_id: str | None
     token: str | None
+    protocol_version: int | None = None
+    client_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,11 @@ def parse(frame: str | bytes) -> Message:
             raise invalid("register.client_id and register.token come together (reconnect) or not at all")
         if client_id is not None and not CLIENT_ID_RE.match(client_id):
             raise invalid("register.client_id has characters outside [A-Za-z0-9._:-]")
-        return Register(_hardware(body), client_id, token)
+        protocol_version = _int_field(body, "protocol_version", "register", 1, 1_000_000, required=False)
+        client_version = _optional_str(body, "client_version", "register", max_len=32)
+        if client_version is not None and not VERSION_RE.match(client_version):
+            raise invalid("register.client_version must be a version of the form MAJOR.MINOR.PATCH")
+        return Register(_hardware(body), client_id, token, protocol_version, client_version)
     if kind == "task_request":
         return TaskRequest(_optional_str(body, "client_id", "task_request"))
     if kind == "task_progress":

@@ -20,7 +20,7 @@ from typing import Any
 from simple_websocket import ConnectionClosed
 
 import server_settings
-from app import jobs, metrics, protocol
+from app import compat, jobs, metrics, protocol
 from app.hub import Hub
 from app.protocol import Heartbeat, ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
 from store import assignments, clients
@@ -177,6 +177,16 @@ class Connection:
             raise ProtocolError(
                 "already_registered", f"this connection is already registered as {self.client_id}"
             )
+        minimum = self.settings.MIN_CLIENT_VERSION
+        why = compat.refusal(msg.protocol_version, msg.client_version, msg.hardware.task_types, minimum)
+        if why is not None:
+            log.info(
+                "event=register state=upgrade_required protocol=%s version=%s remote=%s",
+                msg.protocol_version, msg.client_version, self.remote,
+            )  # fmt: skip
+            self.error("upgrade_required", why)
+            self.ws.close(reason=CLOSE_POLICY, message="upgrade required")
+            return
         try:
             client_id, token, disabled = self.db.run(
                 lambda s: clients.connect(
@@ -204,9 +214,9 @@ class Connection:
             reply["token"] = token
         self.send(reply)
         log.info(
-            "event=register client=%s new=%s cores=%d ram_gb=%.1f gpus=%d remote=%s",
+            "event=register client=%s new=%s cores=%d ram_gb=%.1f gpus=%d version=%s remote=%s",
             client_id, token is not None, msg.hardware.cores, msg.hardware.ram_gb,
-            msg.hardware.gpu_count, self.remote,
+            msg.hardware.gpu_count, msg.client_version, self.remote,
         )  # fmt: skip
         if disabled:
             self.error("client_disabled", "an admin disabled this client; it gets no work")

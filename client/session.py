@@ -39,6 +39,7 @@ from client.outbox import Outbox
 from client.progress import Display
 from client.runner import Assignment, Runner, TaskRunner, as_int, result_message, spawn_thread
 from client.state import Identity
+from training.version import PROTOCOL_VERSION, VERSION
 
 log = logging.getLogger("aifarm.client")
 
@@ -119,6 +120,8 @@ class ClientSession:
                 "type": "register",
                 **self.hardware,
                 "task_types": sorted(self._tasks.runners),
+                "protocol_version": PROTOCOL_VERSION,
+                "client_version": VERSION,
             }
             if self.identity is not None:
                 message["client_id"] = self.identity.client_id
@@ -319,6 +322,8 @@ class ClientSession:
                 self.drop_all_tasks()
                 raise Reconnect("saved identity refused", immediately=True)
             raise Fatal(f"the server refused to register this client: {text}")
+        if code == "upgrade_required":
+            raise Fatal(f"the server needs another version of this client: {text}")
         if code in ("invalid_message", "invalid_json", "unknown_type"):
             raise Fatal(f"the server refused this client's register message: {text}")
         if code == "already_registered":

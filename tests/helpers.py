@@ -21,6 +21,10 @@ from launch import (
     start_worker,
     wait_for,
 )
+from training.version import PROTOCOL_VERSION, VERSION
+
+#: What a current reference client states in register (docs/protocol.md, "Versions").
+CURRENT_VERSIONS = {"protocol_version": PROTOCOL_VERSION, "client_version": VERSION}
 
 __all__ = [
     "ADMIN",
@@ -112,7 +116,7 @@ class WsClient:
         return got
 
     def register(self, **hardware: Any) -> WsClient:
-        body = {"type": "register", **self.HARDWARE, **hardware}
+        body = {"type": "register", **self.HARDWARE, **CURRENT_VERSIONS, **hardware}
         if self.client_id and self.token:
             body.update(client_id=self.client_id, token=self.token)
         self.send(body)

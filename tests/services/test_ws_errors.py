@@ -179,3 +179,28 @@ def test_a_flood_is_rate_limited_per_connection(server: int, client: WsClient) -
     finally:
         other.close()
     still_usable(client)
+
+
+@pytest.mark.parametrize(
+    ("versions", "words"),
+    [
+        ({}, "federated_training needs a client that states protocol_version and client_version"),
+        ({"protocol_version": 2, "client_version": "0.1.0"}, "client 0.1.0 is older than this server"),
+        ({"protocol_version": 99, "client_version": "9.0.0"}, "upgrade the server"),
+    ],
+)
+def test_an_incompatible_client_is_told_what_to_upgrade_and_closed(
+    server: int, client: WsClient, db: Database, versions: dict[str, object], words: str
+) -> None:
+    before = rows(db, "SELECT COUNT(*) FROM clients")[0][0]
+    old = WsClient(server)
+    try:
+        old.send({"type": "register", **WsClient.HARDWARE, "task_types": ["federated_training"], **versions})
+        refused = old.expect_error("upgrade_required")
+        assert words in refused["message"]
+        with pytest.raises(websocket.WebSocketConnectionClosedException, match="upgrade required"):
+            old.recv()
+    finally:
+        old.close()
+    assert rows(db, "SELECT COUNT(*) FROM clients")[0][0] == before  # nothing registered
+    still_usable(client)

@@ -13,6 +13,7 @@ from client.outbox import to_wire
 from client.runner import FEDERATED, Assignment, TaskControl, TaskDropped, spawn_thread
 from client.session import ClientSession, Fatal, Reconnect
 from client.state import Identity
+from training.version import PROTOCOL_VERSION, VERSION
 
 HARDWARE = {"cpu_info": {"cores": 2, "model": "test"}, "ram_info": {"total_gb": 4.0}, "gpu_info": []}
 WAIT = 60.0  # generous upper bound for a worker thread to get somewhere; never a timing assertion
@@ -110,7 +111,13 @@ class Harness:
 
 def test_register_message_carries_hardware_task_types_and_saved_credentials() -> None:
     fresh = Harness().session.register_message()
-    assert fresh == {"type": "register", **HARDWARE, "task_types": ["federated_training"]}
+    assert fresh == {
+        "type": "register",
+        **HARDWARE,
+        "task_types": ["federated_training"],
+        "protocol_version": PROTOCOL_VERSION,
+        "client_version": VERSION,
+    }
     again = Harness(identity=Identity("c-9", "s3cret")).session.register_message()
     assert again["client_id"] == "c-9" and again["token"] == "s3cret"
 
@@ -443,6 +450,13 @@ def test_auth_failed_without_saved_identity_is_fatal() -> None:
     h.session.register_message()
     with pytest.raises(Fatal, match="refused"):
         h.session.handle({"type": "error", "code": "auth_failed", "message": "no"})
+
+
+def test_upgrade_required_is_fatal_and_says_what_to_upgrade() -> None:
+    h = Harness()
+    h.session.register_message()
+    with pytest.raises(Fatal, match=r"another version of this client: client 0\.1\.0 is older"):
+        h.session.handle({"type": "error", "code": "upgrade_required", "message": "client 0.1.0 is older"})
 
 
 def test_server_full_backs_off() -> None:
