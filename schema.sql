@@ -27,6 +27,11 @@ CREATE TABLE tasks (
     num_shards INT NOT NULL DEFAULT 1,
     current_round INT NOT NULL DEFAULT 0,
     status_reason VARCHAR(255),
+    -- the secret seed of the task's central-DP noise: random, made by the server, never sent
+    -- to a client (docs/aggregation.md, "The noise seed")
+    noise_secret BIGINT,
+    -- the SHA-256 of the file at checkpoint_path, stored when it is written
+    checkpoint_sha256 VARCHAR(64),
     INDEX ix_tasks_status_priority (status, priority DESC, id)
 );
 

@@ -7,11 +7,13 @@ additive: columns, enum values, and the tables ``task_shards``, ``task_rounds``,
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Double,
@@ -49,6 +51,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def new_noise_secret() -> int:
+    """A task's DP noise secret: 63 random bits (a non-negative BIGINT)."""
+    return secrets.randbits(63)
+
+
 # DATETIME(6) on MySQL: our own timestamps keep microseconds (latency measurements need them).
 Micro = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 Json = JSON().with_variant(mysql.JSON(), "mysql", "mariadb")
@@ -81,6 +88,11 @@ class Task(Base):
     num_shards: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
     current_round: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     status_reason: Mapped[str | None] = mapped_column(String(255))
+    # The secret of the task's central-DP noise (aggregation.seeds.secret_round_seed): random,
+    # made on insert, never sent to a client; an admin reproduces a round with it.
+    noise_secret: Mapped[int | None] = mapped_column(BigInteger, default=new_noise_secret)
+    # The SHA-256 of the file at checkpoint_path, stored when it is written (downloads serve it).
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_tasks_status_priority", "status", text("priority DESC"), "id"),)
 

@@ -27,7 +27,7 @@ import server_settings
 from store import blobs as paths
 from store.blobs import BlobStore
 from store.db import Database, affected
-from store.models import Task, TaskAssignment, TaskRound, TaskShard, utcnow
+from store.models import Task, TaskAssignment, TaskRound, TaskShard, new_noise_secret, utcnow
 from store.states import (
     LIVE_TASK,
     OPEN_ASSIGNMENT,
@@ -78,6 +78,7 @@ class Job(TypedDict, total=False):
     rounds: int
     model_path: str
     state_path: str | None
+    noise_secret: int  # the task's DP noise secret (server side only)
     round_started_at: str
     updates: list[UpdateRow]
     started: float  # time.time() when the aggregation began
@@ -103,8 +104,12 @@ def locked_task_at(s: Session, task_id: int, round_no: int) -> Task | None:
     return task
 
 
-def round_seed(config_: dict[str, Any], round_no: int) -> int:
-    return int(config_.get("seed", 0)) * 1_000_003 + round_no
+def round_seed(noise_secret: int, round_no: int) -> int:
+    """The DP noise seed of a round, from the task's secret (never from its config, which
+    every client receives): docs/aggregation.md, "The noise seed"."""
+    from aggregation.seeds import secret_round_seed
+
+    return secret_round_seed(noise_secret, round_no)
 
 
 def prepare(db: Database, blobs: BlobStore, task_id: int, settings: server_settings.Settings) -> bool:
@@ -193,6 +198,8 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
     if took != 1:
         raise LeaseHeld(f"task {task_id} round {round_no} is being aggregated since {rnd.aggregating_since}")
     released = _drop_missing_ranks(s, task_id, round_no, now) if partial else []
+    if task.noise_secret is None:  # a row inserted without the ORM's default: made once, kept
+        task.noise_secret = new_noise_secret()
     return Job(
         task_id=task_id,
         round=round_no,
@@ -200,6 +207,7 @@ def _inputs(s: Session, task_id: int, round_no: int, now: datetime, lease: timed
         rounds=int((task.config or {}).get("rounds", 1)),
         model_path=rnd.model_path,
         state_path=rnd.state_path,
+        noise_secret=task.noise_secret,
         round_started_at=rnd.started_at.isoformat(),
         updates=[
             UpdateRow(
@@ -347,7 +355,7 @@ def plan(blobs: BlobStore, job: Job, settings: server_settings.Settings) -> Job:
             for u in job["updates"]
         ],
         "state_path": str(blobs.path(job["state_path"])) if job["state_path"] else None,
-        "round_seed": round_seed(cfg, job["round"]),
+        "round_seed": round_seed(job["noise_secret"], job["round"]),
         "max_slice_bytes": settings.AGGREGATION_SLICE_BYTES,
     }
     job["plan"] = _strategy(job).plan_round(**_run_args(job))
@@ -424,6 +432,7 @@ class NextModel:
     state_rel: str | None
     checkpoint: bool  # also linked as a checkpoint
     final: bool  # the task's last round
+    export_sha: str | None = None  # the final round's torch.export program, when it was written
 
 
 def complete(
@@ -485,12 +494,11 @@ def _write_next_model(
     )
     if checkpoint:
         blobs.link(model_rel, paths.checkpoint_rel(task_id, next_round))
-    if final:
-        _write_export(blobs, task_id, cfg, result.params)
-    return NextModel(model_rel, model_sha, state_rel, checkpoint, final)
+    export_sha = _write_export(blobs, task_id, cfg, result.params) if final else None
+    return NextModel(model_rel, model_sha, state_rel, checkpoint, final, export_sha)
 
 
-def _write_export(blobs: BlobStore, task_id: int, cfg: dict[str, Any], params: dict[str, Any]) -> None:
+def _write_export(blobs: BlobStore, task_id: int, cfg: dict[str, Any], params: dict[str, Any]) -> str | None:
     """The final model as a program that runs with torch alone (docs/training.md, "Export"),
     on disk before the commit that completes the task. A failure here must not keep the task
     from completing (its weights are the product): it is logged, and the predict server
@@ -498,9 +506,10 @@ def _write_export(blobs: BlobStore, task_id: int, cfg: dict[str, Any], params: d
     from training import export, program
 
     try:
-        blobs.write(export.export_rel(task_id), program.program_bytes(task_id, cfg, params))
+        return blobs.write(export.export_rel(task_id), program.program_bytes(task_id, cfg, params))
     except Exception:
         log.exception("event=export state=failed task=%d", task_id)
+        return None
 
 
 def _round_metrics(
@@ -554,15 +563,19 @@ def _commit_round(s: Session, job: Job, made: NextModel, metrics: dict[str, Any]
     next_round = round_no + 1
     if made.checkpoint:
         task.checkpoint_path = paths.checkpoint_rel(task_id, next_round)
+        task.checkpoint_sha256 = made.model_sha  # a link to the model: the same bytes
     task.updated_at = now
     if made.final:
         task.status = TaskState.COMPLETED
         task.status_reason = None
-        task.result = {
+        result: dict[str, Any] = {
             "rounds": _history(s, task_id),
             "final": {"test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"]},
             "model_sha256": made.model_sha,
         }
+        if made.export_sha is not None:  # downloads serve it instead of hashing the file
+            result["export_sha256"] = made.export_sha
+        task.result = result
         return "completed"
     s.add(
         TaskRound(
