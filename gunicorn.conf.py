@@ -24,8 +24,11 @@ def on_starting(server):
     import server_settings
 
     server_settings.setup_metrics_dir(server_settings.load(), "web")
-    # In a subprocess, so the master imports nothing the gevent workers must patch first.
-    subprocess.run([sys.executable, "-m", "app", "bootstrap-token"], check=False)
+    # In a subprocess, so the master imports nothing the gevent workers must patch first. It
+    # checks the schema first: missing or older, it prints one line naming `python -m app
+    # init-db` and exits 3 (store/schema_check.py EXIT_CODE), and gunicorn does not start.
+    if subprocess.run([sys.executable, "-m", "app", "bootstrap-token"], check=False).returncode == 3:
+        sys.exit(3)
 
 
 def child_exit(server, worker):

@@ -4,7 +4,8 @@
     python -m app token [LABEL]   create an admin token and print it
     python -m app init-db         create the tables (schema.sql on MySQL, the models on SQLite)
                                   and add the columns a database of an older version lacks
-    python -m app bootstrap-token print a first admin token if none exists (gunicorn runs this)
+    python -m app bootstrap-token print a first admin token if none exists (gunicorn runs this);
+                                  exits 3 when the schema is missing or older (store/schema_check.py)
     python -m app tasks ...       admin commands over the REST API: submit, list, show, watch,
     python -m app clients ...     pause, resume, stop tasks; list, disable, enable clients
                                   (app/admin_cli.py; --help for each)
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 
 import server_settings  # noqa: E402
 from app import admin_cli  # noqa: E402
-from store import schema  # noqa: E402
+from store import schema, schema_check  # noqa: E402
 from store.auth import bootstrap_admin_token, create_admin_token  # noqa: E402
 from store.db import Database  # noqa: E402
 
@@ -99,6 +100,7 @@ def serve(settings: server_settings.Settings) -> None:
             if upgrade:
                 self.close_connection = True
 
+    schema_check.require(settings.database_url, "web tier")  # SQLite (embedded): makes its own
     app = create_app()
     hub: Hub = app.extensions["aifarm.hub"]
     print_bootstrap_token(settings)
@@ -163,7 +165,8 @@ def main(argv: list[str]) -> int:
         print(token)
     elif command == "init-db":
         init_db(settings)
-    elif command == "bootstrap-token":
+    elif command == "bootstrap-token":  # gunicorn's master runs this first (gunicorn.conf.py)
+        schema_check.require(settings.database_url, "web tier")
         print_bootstrap_token(settings)
     else:
         print(__doc__, file=sys.stderr)

@@ -52,6 +52,17 @@ def _log_to_log_dir(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 @celeryd_init.connect
+def _require_schema(**_: Any) -> None:
+    """``celery worker``: a database without the schema of this code (never made, or from an
+    older version) stops the worker at start with one line naming ``python -m app init-db``
+    (store/schema_check.py). SystemExit passes Celery's signal dispatch, which logs Exceptions."""
+    import server_settings
+    from store import schema_check
+
+    schema_check.require(server_settings.load().database_url, "worker")
+
+
+@celeryd_init.connect
 def _metrics_folder(**_: Any) -> None:
     """``celery worker`` (not the embedded one): this worker and its pool count their round
     and aggregation times into a folder of their own under METRICS_DIR, which the web

@@ -1,6 +1,8 @@
 """`make up` (the Procfile under honcho) and docker-compose.yml run the same processes with the
-same commands, so the stack run locally is the one that ships. No Docker engine runs here: this
-compares the files (tests/services/test_make_up.py runs `make up` itself).
+same commands, so the stack run locally is the one that ships; and the Dockerfile and compose
+file keep their promises (two images, no default secret, health checks, shared volumes). This
+compares the files (tests/services/test_make_up.py runs `make up`, tests/docker/stack_e2e.py
+the compose stack: `make test-docker`).
 
 What may differ between the two spellings of a command, and nothing else:
 - A Procfile line is a /bin/sh command line; compose's `command` is an exec list, or
@@ -38,7 +40,7 @@ def compose() -> dict[str, Any]:
 
 def our_services() -> dict[str, Any]:
     """The services that run this project's image (not mysql, not redis)."""
-    return {name: s for name, s in compose().items() if s.get("image") == "aifarm-server"}
+    return {name: s for name, s in compose().items() if s.get("image", "").startswith("aifarm-server:")}
 
 
 def split_line(line: str) -> tuple[dict[str, str], list[str]]:
@@ -107,10 +109,73 @@ def test_init_db_runs_once_before_everything_else() -> None:
             assert service["depends_on"]["init-db"] == {"condition": "service_completed_successfully"}
 
 
-def test_the_image_runs_the_web_command_by_default() -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
-    cmd = next(line for line in dockerfile if line.startswith("CMD "))
-    assert json.loads(cmd.removeprefix("CMD ")) == compose()["web"]["command"]
+def dockerfile_stages() -> dict[str, list[str]]:
+    """The Dockerfile's lines by stage name (``FROM ... AS name``), in the file's order."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            current = stages.setdefault(line.split()[-1], [])
+        current.append(line)
+    return stages
+
+
+def stage_cmd(lines: list[str]) -> list[str]:
+    return json.loads(next(line for line in lines if line.startswith("CMD ")).removeprefix("CMD "))
+
+
+def test_each_image_runs_its_command_by_default_and_web_is_the_default_image() -> None:
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "web"  # `docker build .` builds the web image
+    assert stage_cmd(stages["web"]) == compose()["web"]["command"]
+    assert stage_cmd(stages["worker"]) == compose()["worker"]["command"]
+
+
+def test_the_web_image_has_no_torch_and_the_worker_image_installs_the_cpu_build() -> None:
+    """The web tier never imports torch; the workers get it from PyTorch's CPU index by default,
+    from elsewhere only through build arguments (make test-docker: a local wheel)."""
+    stages = dockerfile_stages()
+    assert stages["web"][0] == "FROM base AS web" and stages["worker"][0] == "FROM base AS worker"
+    assert not any("torch" in line and "pip install" in line for line in stages["base"])
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in stages["worker"]
+    assert "ARG BASE_IMAGE=python:3.11-slim" in (ROOT / "Dockerfile").read_text().splitlines()
+    services = our_services()
+    for name, service in services.items():
+        target = "web" if name in ("web", "init-db") else "worker"
+        assert service["image"] == f"aifarm-server:{target}", name
+        assert service["build"] == {"context": ".", "target": target}, name
+
+
+def test_no_default_secret() -> None:
+    """Unset or empty, compose refuses to start with one line naming the variable."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in ("ADMIN_TOKEN", "FLOWER_BASIC_AUTH", "MYSQL_PASSWORD"):
+        assert f"${{{name}:?set {name}" in text, name
+        assert f"${{{name}:-" not in text and f"${{{name}}}" not in text, name
+    assert "MYSQL_RANDOM_ROOT_PASSWORD" in compose()["mysql"]["environment"]
+
+
+def test_every_long_running_service_has_a_health_check_and_runs_as_a_user() -> None:
+    for name, service in compose().items():
+        if name == "init-db":
+            assert service["healthcheck"] == {"disable": True}
+            continue
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    for stage in ("web", "worker"):
+        assert "USER aifarm" in dockerfile_stages()[stage], stage
+
+
+def test_web_and_workers_share_uploads_and_checkpoints() -> None:
+    services = our_services()
+    for name in ("web", "worker", "aggregator"):
+        mounts = services[name]["volumes"]
+        assert "checkpoints:/srv/aifarm/checkpoints" in mounts and "data:/srv/aifarm/data" in mounts, name
+        assert services[name]["environment"]["CHECKPOINT_DIR"] == "/srv/aifarm/checkpoints", name
+
+
+def test_flower_is_published_on_this_host_only_by_default() -> None:
+    published = "${AIFARM_FLOWER_ADDRESS:-127.0.0.1}:${AIFARM_FLOWER_PORT:-5555}:5555"
+    assert compose()["flower"]["ports"] == [published]
 
 
 def test_flower_always_asks_for_a_password() -> None:
