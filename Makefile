@@ -10,11 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first: a wheel already on disk (pip's find-links) wins, offline; else, without an NVIDIA
-	@# GPU, the CPU build from TORCH_INDEX (not PyPI's multi-GB CUDA build). TORCH_INDEX= (empty)
+	@# GPU, the CPU build from TORCH_INDEX_URL (not PyPI's multi-GB CUDA build). TORCH_INDEX_URL= (empty)
 	@# takes PyPI's default build. docs/client.md, "Install".
 	torch="$$(grep -m1 -E '^torch==' requirements.txt | cut -d' ' -f1)"; \
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-index --no-deps "$$torch" 2>/dev/null || { \
-	  index="$${TORCH_INDEX-$$(command -v nvidia-smi >/dev/null || echo https://download.pytorch.org/whl/cpu)}"; \
+	  index="$${TORCH_INDEX_URL-$$(command -v nvidia-smi >/dev/null || echo https://download.pytorch.org/whl/cpu)}"; \
 	  $(BIN)/pip install --quiet --disable-pip-version-check $${index:+--extra-index-url "$$index"} "$$torch"; }
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
