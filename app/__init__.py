@@ -17,7 +17,7 @@ from flask_limiter.util import get_remote_address
 from flask_sock import Sock
 
 import server_settings
-from app import admin_api, api, auth, dashboard, errors, metrics, models_api, openapi, validation
+from app import admin_api, api, auth, dashboard, errors, events, metrics, models_api, openapi, validation
 from app.hub import Hub
 from app.ws import Connection
 from store import clients
@@ -75,6 +75,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(models_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(dashboard.session_bp)
+    app.register_blueprint(events.bp)  # the dashboard's push channel, outside RATE_LIMIT
 
     app.add_url_rule("/healthz", "healthz", healthz_view(db, bus, settings))
 

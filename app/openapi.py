@@ -66,6 +66,7 @@ ROUND = {"name": "round", "in": "path", "required": True, "schema": {"type": "in
 RANK = {"name": "rank", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
 STRING = {"type": "string"}
+EVENT_VIEWS = ("overview", "tasks", "task", "client")  # app/events.py VIEWS
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": spec.MAX_DEADLINE_S}
@@ -270,6 +271,40 @@ def document() -> dict[str, Any]:
                 "summary": "End a panel sign-in: its token stops working (API tokens are kept)",
                 "responses": {
                     "200": _json({"type": "object", "properties": {"signed_out": {"type": "boolean"}}}),
+                    **AUTH_ERRORS,
+                },
+            }
+        },
+        "/admin/events": {
+            "get": {
+                "summary": "The dashboard's push channel: server-sent events (text/event-stream), an "
+                "event named after the view with what it shows (with follow=1, again whenever that "
+                "changes in the database); outside RATE_LIMIT (docs/operations.md, 'Dashboard')",
+                "parameters": [
+                    {"name": "view", "in": "query", "schema": {"enum": list(EVENT_VIEWS)}},
+                    {
+                        "name": "id",
+                        "in": "query",
+                        "schema": {"type": "string", "maxLength": 255},
+                        "description": "the task id (view=task) or client id (view=client)",
+                    },
+                    {"name": "status", "in": "query", "schema": {"enum": list(TASK_STATUSES)}},
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "schema": {"enum": ["0", "1"], "default": "0"},
+                        "description": "0: the current state as one event, then the end; 1: an event "
+                        "again at every change, until the stream ends (after 10 minutes at most)",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the stream",
+                        "content": {"text/event-stream": {"schema": STRING}},
+                    },
+                    "400": _error("an unknown view, or a view without its id"),
+                    "404": _error("no such task or client"),
                     **AUTH_ERRORS,
                 },
             }
