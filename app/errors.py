@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, Response, jsonify
 from flask_limiter.errors import RateLimitExceeded
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from store.db import Unavailable, is_outage
 
@@ -59,7 +59,10 @@ def register(app: Flask) -> None:
         message = error.description or error.name
         if status == 413:
             message = "request body too large"
-        return error_response(status, message)
+        response, status = error_response(status, message)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)  # RFC 9110: a 405 lists them
+        return response, status
 
     @app.errorhandler(Unavailable)
     def _unavailable(error: Unavailable) -> tuple[Response, int]:

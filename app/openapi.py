@@ -53,7 +53,11 @@ def _page_of(item: str) -> dict[str, Any]:
 
 
 PAGE_PARAMS = [
-    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 1}},
+    {
+        "name": "page",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": validation.PAGE_MAX, "default": 1},
+    },
     {
         "name": "per_page",
         "in": "query",
@@ -66,6 +70,7 @@ ROUND = {"name": "round", "in": "path", "required": True, "schema": {"type": "in
 RANK = {"name": "rank", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
 STRING = {"type": "string"}
+NONEMPTY = {"type": "string", "minLength": 1}
 EVENT_VIEWS = ("overview", "tasks", "task", "client")  # app/events.py VIEWS
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -74,7 +79,9 @@ SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": spec.MA
 AUTH_ERRORS = {"401": _error("missing or invalid token"), "429": _error("rate limited")}
 
 
-def document() -> dict[str, Any]:
+def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
+    """The document; ``max_clients`` is this server's MAX_CLIENTS, which bounds num_shards."""
+    shards_max = min(validation.MAX_SHARDS, max_clients)
     requirement_props = {
         name: {"type": kind, "minimum": lo, "maximum": hi}
         for name, (kind, lo, hi) in validation.REQUIREMENT_FIELDS.items()
@@ -92,7 +99,7 @@ def document() -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "type": {"type": "string", "pattern": validation.TASK_TYPE_RE.pattern},
-                "requirements": _ref("Requirements"),
+                "requirements": {"anyOf": [_ref("Requirements"), {"type": "null"}]},
                 "priority": {
                     "type": "integer",
                     "minimum": validation.PRIORITY_RANGE[0],
@@ -101,15 +108,13 @@ def document() -> dict[str, Any]:
                     "description": "higher runs first; ties run oldest first",
                 },
                 "config": {
-                    "type": "object",
+                    "type": ["object", "null"],
                     "description": (
                         "free-form for most types; num_shards (1.."
                         f"{validation.MAX_SHARDS}, at most MAX_CLIENTS) splits the task into ranks. "
                         f"For type '{spec.TASK_TYPE}' see FederatedConfig."
                     ),
-                    "properties": {
-                        "num_shards": {"type": "integer", "minimum": 1, "maximum": validation.MAX_SHARDS}
-                    },
+                    "properties": {"num_shards": {"type": "integer", "minimum": 1, "maximum": shards_max}},
                 },
             },
         },
@@ -121,7 +126,7 @@ def document() -> dict[str, Any]:
                 "dataset": {"enum": list(spec.DATASETS)},
                 "partition": {"enum": list(spec.PARTITIONS)},
                 "rounds": {"type": "integer", "minimum": 1, "maximum": spec.MAX_ROUNDS},
-                "num_shards": {"type": "integer", "minimum": 1, "maximum": spec.MAX_SHARDS},
+                "num_shards": {"type": "integer", "minimum": 1, "maximum": min(spec.MAX_SHARDS, max_clients)},
                 "local_epochs": {"type": "integer", "minimum": 1, "maximum": spec.MAX_LOCAL_EPOCHS},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": spec.MAX_BATCH_SIZE},
                 "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
@@ -247,7 +252,7 @@ def document() -> dict[str, Any]:
                 "summary": "Sign in to the admin panel with ADMIN_USERNAME and ADMIN_PASSWORD; the "
                 "token it returns is an admin token until expires_at (ADMIN_SESSION_TTL)",
                 "security": [],
-                "requestBody": _body(_object({"username": STRING, "password": STRING})),
+                "requestBody": _body(_object({"username": NONEMPTY, "password": NONEMPTY})),
                 "responses": {
                     "200": _json(
                         {

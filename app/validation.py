@@ -45,8 +45,8 @@ def json_object() -> dict[str, Any]:
 def _number(value: Any, kind: str) -> bool:
     if isinstance(value, bool):
         return False
-    if kind == "integer":
-        return isinstance(value, int)
+    if kind == "integer":  # as JSON Schema says: 3.0 is the integer 3
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -65,7 +65,7 @@ def requirements(raw: Any) -> dict[str, Any]:
         kind, lo, hi = REQUIREMENT_FIELDS[key]
         if not _number(value, kind) or not lo <= value <= hi:
             raise ApiError(400, f"requirements.{key} must be an {kind} in {lo:g}..{hi:g}")
-        out[key] = value
+        out[key] = int(value) if kind == "integer" else value
     return out
 
 
@@ -106,6 +106,7 @@ def new_task(body: dict[str, Any], settings: server_settings.Settings) -> dict[s
     shards = task_config["num_shards"]
     if not _number(shards, "integer") or not 1 <= shards <= MAX_SHARDS:
         raise ApiError(400, f"config.num_shards must be an integer in 1..{MAX_SHARDS}")
+    shards = task_config["num_shards"] = int(shards)
     if shards > settings.MAX_CLIENTS:
         raise ApiError(
             400,
@@ -114,7 +115,7 @@ def new_task(body: dict[str, Any], settings: server_settings.Settings) -> dict[s
     return {
         "type": task_type,
         "requirements": requirements(body.get("requirements")),
-        "priority": priority,
+        "priority": int(priority),
         "config": task_config,
         "num_shards": shards,
     }

@@ -61,6 +61,8 @@ class SpecError(ValueError):
 
 def _int(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = raw.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # as JSON Schema says: 3.0 is the integer 3
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"config.{key} must be an integer")
     if not lo <= value <= hi:
