@@ -93,6 +93,15 @@ class Settings:
     WS_MAX_MESSAGE_SIZE: int = 64 << 10  # larger frames close the socket with 1009
     WS_PING_INTERVAL: int = 25  # seconds; a peer that stops answering is dropped
     WS_MESSAGES_PER_MINUTE: int = 600  # per connection; beyond it: error rate_limited
+    # Origins (scheme://host[:port], comma-separated) whose browser pages may open /ws besides
+    # this server's own pages; "*" allows any. A handshake without an Origin header (not a
+    # browser: the reference client, scripts) is always allowed; a foreign one gets a 403.
+    WS_ALLOWED_ORIGINS: str = ""
+    # Reverse proxies in front of the server that append to X-Forwarded-For (and set
+    # X-Forwarded-Proto): the client address of rate limits, the audit log and the access log
+    # is read from that header only when this is > 0, and then the address this many hops back.
+    # 0: the header is ignored (a caller could write anything in it). docs/security.md.
+    PROXY_HOPS: int = 0
     # The oldest client version accepted at register (docs/protocol.md, "Versions"); default:
     # the oldest whose training/ code computes what this server's workers expect.
     MIN_CLIENT_VERSION: str = MIN_CLIENT_VERSION
@@ -182,7 +191,8 @@ _configured_dir: str | None = None
 
 def setup_logging(settings: Settings) -> None:
     """Send logs to LOG_DIR: server.log (everything), error.log (errors), access.log (HTTP),
-    rotated by size (LOG_MAX_BYTES, LOG_BACKUP_COUNT).
+    audit.log (admin actions and security events, also in server.log), rotated by size
+    (LOG_MAX_BYTES, LOG_BACKUP_COUNT).
 
     Log lines are key=value (``task=sweep state=finish expired=3``). Idempotent per process.
     """
@@ -224,6 +234,12 @@ def setup_logging(settings: Settings) -> None:
     for h in list(access.handlers):
         access.removeHandler(h)
     access.addHandler(handler("access.log", logging.INFO))
+    # audit.log: admin actions and security events (aifarm.audit), in server.log too
+    audit = logging.getLogger("aifarm.audit")
+    audit.setLevel(logging.INFO)
+    for h in list(audit.handlers):
+        audit.removeHandler(h)
+    audit.addHandler(handler("audit.log", logging.INFO))
     _configured_dir = settings.LOG_DIR
 
 

@@ -81,7 +81,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/api/openapi.json")
     def openapi_json() -> Response:
-        return jsonify(openapi.document(max_clients=settings.MAX_CLIENTS))
+        return jsonify(openapi.document())
 
     sock = Sock(app)
 

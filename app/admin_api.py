@@ -253,4 +253,44 @@ def audit_after_request(response: Response) -> Response:
     return response
 
 
+#: Refused requests that are security events (to audit.log only: they are not admin acts).
+SECURITY_STATUSES = {401: "token_refused", 403: "forbidden", 429: "rate_limited"}
+UPLOAD_ENDPOINT = "models.upload_update"
+
+
+def _printable(text: str | None, limit: int = 128) -> str | None:
+    """A caller-chosen value made safe for one log line (no spaces, controls or length)."""
+    if text is None:
+        return None
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:limit])
+
+
+def security_after_request(response: Response) -> Response:
+    """One ``event=security`` line in audit.log (and server.log) for every refused token, 403,
+    429 and refused upload: who (the admin, or ``anonymous`` and the claimed client id), what
+    (the action, the endpoint and the answer's error code), when (the line's time) and from
+    where (the address; behind PROXY_HOPS proxies, the forwarded one). Never a token: the
+    Authorization header is not read here, and paths and ids carry none."""
+    status = response.status_code
+    upload = request.endpoint == UPLOAD_ENDPOINT and 400 <= status < 500
+    if g.get("audit") is not None or not (upload or status in SECURITY_STATUSES):
+        return response  # sign-in failures are admin-audited already
+    action = "upload_refused" if upload and status not in (401, 429) else SECURITY_STATUSES[status]
+    body = response.get_json(silent=True) if response.is_json else None
+    detail = {
+        "method": request.method,
+        "path": _printable(request.path, 256),
+        "endpoint": request.endpoint,
+        "error": body.get("error") if isinstance(body, dict) else None,
+        "claimed_client": _printable(request.headers.get("X-Client-Id"), 64),
+    }
+    log.warning(
+        "event=security action=%s actor=%s status=%d remote=%s detail=%s",
+        action, g.get("actor") or "anonymous", status, request.remote_addr,
+        json.dumps(detail, separators=(",", ":"), sort_keys=True),
+    )  # fmt: skip
+    return response
+
+
 bp.after_app_request(audit_after_request)
+bp.after_app_request(security_after_request)

@@ -1,4 +1,4 @@
-"""``python -m app tasks|clients ...``: the admin command line, over the REST API only.
+"""``python -m app tasks|clients|tokens ...``: the admin command line, over the REST API only.
 
     python -m app tasks submit FILE        create the task in FILE (a JSON object; - reads stdin)
     python -m app tasks list [--status S] [--type T] [--page N] [--per-page N]
@@ -7,6 +7,10 @@
     python -m app tasks pause|resume|stop ID
     python -m app clients list [--status S] [--page N] [--per-page N]
     python -m app clients disable|enable ID
+    python -m app tokens list              admin API tokens: label, kind, dates (never a secret)
+    python -m app tokens create [--label L] [--expires-in SECONDS]
+                                           a new admin API token, printed once
+    python -m app tokens revoke ID         the token is refused from the next request on
 
 Every command takes ``--server URL`` (env ``AIFARM_SERVER``, default http://127.0.0.1:8000),
 ``--token TOKEN`` (env ``AIFARM_TOKEN``; an admin token) and ``--json`` (print the server's
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 PROG = "python -m app"
-GROUPS = ("tasks", "clients")
+GROUPS = ("tasks", "clients", "tokens")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINAL_TASK = ("completed", "failed", "error", "stopped")  # as store.models.FINAL_TASK
 OPEN_ASSIGNMENT = ("assigned", "training")
@@ -371,6 +375,39 @@ def clients_set_status(api: Api, args: argparse.Namespace) -> Any:
     return client, f"client {client['id']}: {'disabled' if client['disabled'] else 'enabled'}"
 
 
+def tokens_list(api: Api, args: argparse.Namespace) -> Any:
+    listing = api.call("GET", "/api/tokens")
+    rows = [
+        (
+            t["id"],
+            t["label"],
+            t["kind"],
+            t["created_at"],
+            t["expires_at"] or "never",
+            t["last_used_at"] or "never",
+            "yes" if t["expired"] else "no",
+        )
+        for t in listing["items"]
+    ]
+    headers = ("ID", "LABEL", "KIND", "CREATED", "EXPIRES", "LAST_USED", "EXPIRED")
+    return listing, table(headers, rows)
+
+
+def tokens_create(api: Api, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"label": args.label}
+    if args.expires_in is not None:
+        body["expires_in"] = args.expires_in
+    made = api.call("POST", "/api/tokens", body)
+    expires = made["expires_at"] or "never"
+    shown = f"token {made['id']} ({made['label']}, expires {expires}); shown once, keep it now:"
+    return made, f"{shown}\n{made['token']}"
+
+
+def tokens_revoke(api: Api, args: argparse.Namespace) -> Any:
+    done = api.call("DELETE", f"/api/tokens/{args.id}")
+    return done, f"token {done['revoked']} revoked"
+
+
 Command = Callable[[Api, argparse.Namespace], Any]
 
 
@@ -461,6 +498,32 @@ def _add_clients(groups: Any, common: argparse.ArgumentParser) -> None:
         change.set_defaults(command=clients_set_status)
 
 
+def _seconds_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {value}")
+    return value
+
+
+def _add_tokens(groups: Any, common: argparse.ArgumentParser) -> None:
+    tokens = groups.add_parser("tokens", help="list, create and revoke admin API tokens")
+    actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="admin tokens (never their secrets)")
+    listing.set_defaults(command=tokens_list)
+    create = actions.add_parser("create", parents=[common], help="a new admin API token, printed once")
+    create.add_argument("--label", default="api", help="what the token is for (default: api)")
+    create.add_argument(
+        "--expires-in", type=_seconds_arg, metavar="SECONDS", help="refused after this many seconds"
+    )
+    create.set_defaults(command=tokens_create)
+    revoke = actions.add_parser("revoke", parents=[common], help="refuse the token from now on")
+    revoke.add_argument("id", type=int, metavar="ID")
+    revoke.set_defaults(command=tokens_revoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -471,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     _add_tasks(groups, common)
     _add_clients(groups, common)
+    _add_tokens(groups, common)
     return parser
 
 

@@ -38,12 +38,28 @@ def reference_header(path: str, mtime_ns: int) -> Header:
     return blobs.header_of(Path(path))
 
 
-def _model_response(rel: str, sha256: str, name: str) -> Response:
+@lru_cache(maxsize=256)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """A file's SHA-256, once per version of the file (path, mtime, size) and process: for
+    files written before their digest was stored, or by a process that does not store it."""
+    return blobs.sha256_file(Path(path))
+
+
+def file_digest(path: Path, stored: str | None) -> str:
+    """The digest to serve for ``path``: the one stored when it was written, else hashed once."""
+    if stored:
+        return stored
+    st = path.stat()
+    return _file_sha256(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _model_response(rel: str, sha256: str | None, name: str) -> Response:
+    """The file ``rel`` under CHECKPOINT_DIR, with its digest (the stored one when known)."""
     path = store().path(rel)
     if not path.exists():
-        raise ApiError(404, "the model file is missing on the server")
+        raise ApiError(404, "the model file is missing on the server", "no_model")
     response = send_file(path, mimetype="application/octet-stream", as_attachment=True, download_name=name)
-    response.headers["X-Checksum-Sha256"] = sha256
+    response.headers["X-Checksum-Sha256"] = file_digest(path, sha256)
     return response
 
 
@@ -82,28 +98,39 @@ def final_model(task_id: int) -> Response:
     if not is_admin():
         raise ApiError(401, "missing or invalid admin token")
 
-    def find(s: Session) -> tuple[str | None, str | None] | None:
+    def find(s: Session) -> tuple[str | None, str | None, str, int] | None:
         task = s.get(Task, task_id)
         if task is None:
             return None
-        sha = (task.result or {}).get("model_sha256") if task.status == TaskState.COMPLETED else None
-        return task.checkpoint_path, sha
+        sha = task.checkpoint_sha256
+        if sha is None and task.status == TaskState.COMPLETED:  # completed before the column
+            sha = (task.result or {}).get("model_sha256")
+        return task.checkpoint_path, sha, task.status, task.current_round
 
     found = db().run(find)
     if found is None:
         raise ApiError(404, f"no task {task_id}", "unknown_task")
-    rel, sha = found
+    rel, sha, status, current_round = found
     if rel is None:
-        raise ApiError(404, f"task {task_id} has no checkpoint yet", "no_model")
-    return _model_response(rel, sha or blobs.sha256_file(store().path(rel)), f"task{task_id}.safetensors")
+        raise ApiError(
+            404,
+            f"task {task_id} has no model yet ({status}, round {current_round}): a checkpoint is written "
+            "every CHECKPOINT_FREQUENCY rounds and at the end",
+            "no_model",
+        )
+    return _model_response(rel, sha, f"task{task_id}.safetensors")
 
 
 def _completed_task(s: Session, task_id: int) -> Task:
     task = s.get(Task, task_id)
     if task is None:
         raise ApiError(404, f"no task {task_id}", "unknown_task")
-    if task.status != TaskState.COMPLETED or task.type != FEDERATED:
-        raise ApiError(404, f"task {task_id} is not a completed federated task", "no_model")
+    if task.type != FEDERATED:
+        raise ApiError(404, f"task {task_id} is a {task.type} task: it has no model", "no_model")
+    if task.status != TaskState.COMPLETED:
+        raise ApiError(
+            404, f"task {task_id} has no final model yet: it is {task.status}, not completed", "no_model"
+        )
     return task
 
 
@@ -113,7 +140,7 @@ def task_export(task_id: int) -> Response:
     that completed it. Admin token."""
     if not is_admin():
         raise ApiError(401, "missing or invalid admin token")
-    db().run(lambda s: _completed_task(s, task_id))
+    stored = db().run(lambda s: (_completed_task(s, task_id).result or {}).get("export_sha256"))
     path = store().path(export.export_rel(task_id))
     if not path.exists():
         raise ApiError(404, f"task {task_id} has no export (yet)", "no_model")
@@ -123,7 +150,7 @@ def task_export(task_id: int) -> Response:
         as_attachment=True,
         download_name=export.download_name(task_id),
     )
-    response.headers["X-Checksum-Sha256"] = blobs.sha256_file(path)
+    response.headers["X-Checksum-Sha256"] = file_digest(path, stored)
     return response
 
 
@@ -152,7 +179,7 @@ def model_card(task_id: int) -> Response:
         rounds=[r.metrics or {"round": r.round} for r in rounds],
         created_at=task.created_at,
         completed_at=max((r.finished_at for r in rounds if r.finished_at), default=task.updated_at),
-        export_sha256=blobs.sha256_file(path) if exists else None,
+        export_sha256=file_digest(path, (task.result or {}).get("export_sha256")) if exists else None,
         export_bytes=path.stat().st_size if exists else None,
     )
     return jsonify(card)

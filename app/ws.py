@@ -30,10 +30,29 @@ from store.models import FEDERATED, utcnow
 from store.states import TaskState
 
 log = logging.getLogger("aifarm.ws")
+security_log = logging.getLogger("aifarm.audit")  # audit.log: security events
 
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 WEB_PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # kept in a client's session_info
+
+
+def origin_allowed(origin: str | None, host: str, allowed: str) -> bool:
+    """Whether a handshake with this ``Origin`` header may open /ws (checked before the upgrade).
+
+    No header: not a browser (browsers always send one on a WebSocket handshake), allowed. A
+    browser page may connect from this server's own origin (the Origin's host:port is the
+    Host the request was sent to) or from an origin listed in ``WS_ALLOWED_ORIGINS``
+    (``scheme://host[:port]``, comma-separated; ``*`` allows any). Anything else, ``null``
+    included, is refused: a page elsewhere must not drive a volunteer's browser into the farm."""
+    if origin is None:
+        return True
+    wanted = origin.strip().rstrip("/").lower()
+    listed = {o.strip().rstrip("/").lower() for o in allowed.split(",") if o.strip()}
+    if "*" in listed or wanted in listed:
+        return True
+    scheme, _, netloc = wanted.partition("://")
+    return scheme in ("http", "https") and netloc == host.strip().lower()
 
 
 class Connection:
@@ -203,6 +222,10 @@ class Connection:
             )
         except clients.AuthFailed:
             log.info("event=register state=auth_failed client=%s remote=%s", msg.client_id, self.remote)
+            security_log.warning(
+                "event=security action=token_refused actor=anonymous target=client:%s remote=%s via=ws",
+                msg.client_id, self.remote,
+            )  # fmt: skip
             raise ProtocolError("auth_failed", "unknown client_id or wrong token") from None
         except clients.ServerFull:
             self.error("server_full", f"{self.settings.MAX_CLIENTS} clients are connected; try again later")
