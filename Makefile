@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint test demo bench up clean
+.PHONY: venv lint test test-docker demo bench up clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: venv
 
 test: lint
 	$(BIN)/python -m pytest
+
+# docker-compose.yml end to end (docs/operations.md, "Production with Docker"; as root where no
+# Docker engine runs yet): install and start the engine when missing (docker/engine.sh), build
+# the local base image when missing and the images (docker/build.sh), then bring the stack up and
+# run a federated task against it (tests/docker/stack_e2e.py, which `make test` does not collect).
+test-docker: venv
+	docker/engine.sh
+	docker/build.sh
+	$(BIN)/python -m pytest tests/docker/stack_e2e.py
 
 demo: venv
 	$(BIN)/python demo.py
