@@ -132,6 +132,13 @@ def test_a_running_task_is_followed_live_paused_and_finished(
     assert page.locator("#ov-queues tr").count() >= 1
     page.screenshot(path=str(IMG / "dashboard-overview.png"), full_page=True)
 
+    page.click("#ov-client-list a >> nth=0")  # a client's page: hardware, utilization, history
+    page.wait_for_selector("#view-client:not([hidden])")
+    page.wait_for_function("document.querySelectorAll('#c-history a').length >= 1")
+    assert f"#/task/{task_id}" in page.get_attribute("#c-history a >> nth=0", "href")
+    assert "CPU cores" in page.inner_text("#c-hardware")
+    assert "valid results" in page.inner_text("#c-rel")
+
 
 def test_a_refused_field_shows_the_servers_message_and_nothing_is_created(
     page: Any, server: int, db: Database
