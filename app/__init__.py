@@ -82,7 +82,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(models_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(dashboard.session_bp)
-    app.register_blueprint(events.bp)  # the dashboard's push channel, outside RATE_LIMIT
+    app.register_blueprint(events.bp)  # the dashboard's push channel (its own budget, above)
 
     app.add_url_rule("/healthz", "healthz", healthz_view(db, bus, settings))
 
