@@ -3,9 +3,10 @@
 One stream per open dashboard view. The request carries the admin token in its
 ``Authorization`` header like any REST call (the page reads the stream with ``fetch()``, not
 ``EventSource``, which cannot send headers: so no token in a URL, no second credential), is
-checked once when the stream opens and again every ``RECHECK_S`` seconds, and spends nothing
-of ``RATE_LIMIT``: the blueprint is not rate limited, and a stream is one request however
-long it lasts. The web process reads what the view shows from the database (the source of
+checked once when the stream opens and again every ``RECHECK_S`` seconds, and spends none of
+the REST API's ``RATE_LIMIT``: opening a stream counts against a budget of its own (per admin,
+per address without a valid token; ``create_app``), and a stream is one request however long
+it lasts. The web process reads what the view shows from the database (the source of
 truth) every ``POLL_S`` seconds and sends it only when it changed; a comment line every
 ``KEEPALIVE_S`` seconds keeps proxies from closing a quiet stream. A stream ends after
 ``MAX_AGE_S`` seconds (the page opens the next one), or at once with a ``signed_out`` event
