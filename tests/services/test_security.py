@@ -164,6 +164,7 @@ def audit_lines(run_dir: Path, *needles: str) -> list[str]:
 PUBLIC = {
     "healthz",  # load balancers
     "openapi_json",  # the API's description
+    "protocol_json",  # the WebSocket messages' description
     "prometheus_metrics",  # open unless METRICS_TOKEN is set (tested in test_metrics)
     "static",  # the panel's files
     "dashboard.index",  # the panel's page: it signs in through the API
