@@ -150,6 +150,7 @@ function show() {
   if (parts[0] === "tasks") {
     $("view-tasks").hidden = false;
     $("f-status").value = params.get("status") || "";
+    $("f-type").value = params.get("type") || "";
     const filters = {view: "tasks"};
     if (params.get("status")) filters.status = params.get("status");
     if (params.get("type")) filters.type = params.get("type");
@@ -209,8 +210,12 @@ function progressText(t) {
 
 function renderTasks(d, typeFilter) {
   const sel = $("f-type");
-  sel.innerHTML = `<option value="">any</option>` + d.types.map((t) => `<option>${esc(t)}</option>`).join("");
-  sel.value = typeFilter;
+  const options = `<option value="">any</option>` + d.types.map((t) => `<option>${esc(t)}</option>`).join("");
+  if (sel.dataset.options !== options) {  // rebuilt only when the types change (an open list stays open)
+    sel.innerHTML = options;
+    sel.dataset.options = options;
+    sel.value = typeFilter;
+  }
   rows($("task-rows"), d.items.map((t) => `<tr><td><a href="#/task/${t.id}">${t.id}</a></td><td>${esc(t.type)}</td>
     <td><span class="badge ${esc(t.status)}">${esc(t.status)}</span></td><td>${esc(progressText(t))}</td>
     <td>${num(t.last_accuracy)}</td><td>${t.num_shards}</td><td class="muted">${esc(t.status_reason || "")}</td>

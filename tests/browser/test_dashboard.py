@@ -126,6 +126,13 @@ def test_a_running_task_is_followed_live_paused_and_finished(
     IMG.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMG / "dashboard-task.png"), full_page=True)
 
+    page.click("nav >> text=Tasks")  # the list's filters
+    page.select_option("#f-status", "running")
+    page.wait_for_selector("#task-rows td:text('no tasks match')")
+    page.select_option("#f-status", "completed")
+    page.wait_for_selector(f"#task-rows a[href='#/task/{task_id}']")
+    assert f"{ROUNDS} / {ROUNDS} rounds done" in page.inner_text("#task-rows")
+
     page.click("nav >> text=Overview")
     page.wait_for_function("Number(document.querySelector('#ov-connected').textContent) >= 2")
     page.wait_for_function("Number(document.querySelector('#ov-workers').textContent) >= 1", timeout=30_000)
