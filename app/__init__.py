@@ -18,7 +18,19 @@ from flask_sock import Sock
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import server_settings
-from app import admin_api, api, auth, dashboard, errors, events, metrics, models_api, openapi, validation
+from app import (
+    admin_api,
+    api,
+    auth,
+    dashboard,
+    errors,
+    events,
+    metrics,
+    models_api,
+    openapi,
+    protocol,
+    validation,
+)
 from app.hub import Hub
 from app.ws import Connection, origin_allowed
 from store import clients
@@ -89,6 +101,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.get("/api/openapi.json")
     def openapi_json() -> Response:
         return jsonify(openapi.document(max_clients=settings.MAX_CLIENTS))
+
+    @app.get("/api/protocol.json")
+    def protocol_json() -> Response:
+        """The WebSocket messages a client sends, as JSON Schema (app/protocol.py)."""
+        return jsonify(protocol.describe())
 
     @app.before_request
     def _ws_origin() -> tuple[Response, int] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -41,6 +42,9 @@ log = logging.getLogger("aifarm.audit")
 #: ``expires_in`` of a new token: at least a second, at most ten years.
 EXPIRES_IN_MAX = 10 * 365 * 24 * 3600
 LABEL_MAX = 255
+#: What a label may not hold (C0 and C1 control characters): it is shown in lists and logs.
+CONTROL_CHARS = "\u0000-\u001f\u007f-\u009f"
+CONTROL = re.compile(f"[{CONTROL_CHARS}]")
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 #: The audit action of the admin writes defined elsewhere (an unlisted one is logged under its
 #: endpoint name, so a new write route is audited before anyone names it here).
@@ -103,11 +107,13 @@ def _new_token_fields(body: dict[str, Any]) -> tuple[str, int | None]:
     if unknown:
         raise ApiError(400, f"unknown fields: {', '.join(unknown)} (allowed: label, expires_in)")
     label = body.get("label", "api")
-    if not isinstance(label, str) or not 1 <= len(label) <= LABEL_MAX or not label.isprintable():
-        raise ApiError(400, f"label must be a printable string of 1..{LABEL_MAX} characters")
+    if not isinstance(label, str) or not 1 <= len(label) <= LABEL_MAX or CONTROL.search(label):
+        raise ApiError(400, f"label must be a string of 1..{LABEL_MAX} characters without control characters")
     if label.startswith(PANEL_PREFIX):
         raise ApiError(400, f"labels starting with {PANEL_PREFIX!r} are kept for panel sign-ins")
     expires_in = body.get("expires_in")
+    if isinstance(expires_in, float) and expires_in.is_integer():
+        expires_in = int(expires_in)  # as JSON Schema says: 60.0 is the integer 60
     if expires_in is not None and (
         isinstance(expires_in, bool)
         or not isinstance(expires_in, int)

@@ -321,6 +321,13 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"})},
             }
         },
+        "/api/protocol.json": {
+            "get": {
+                "summary": "The WebSocket messages a client sends on /ws, as JSON Schema (docs/protocol.md)",
+                "security": [],
+                "responses": {"200": _json({"type": "object", "required": ["oneOf"]})},
+            }
+        },
         "/api/tasks": {
             "get": {
                 "summary": "List tasks, newest first",
@@ -569,7 +576,8 @@ TOKEN_SCHEMAS: dict[str, Any] = {
                 "minLength": 1,
                 "maxLength": admin_api.LABEL_MAX,
                 "default": "api",
-                "description": "not starting with 'panel:'",
+                "pattern": f"^(?!panel:)[^{admin_api.CONTROL_CHARS}]*$",
+                "description": "no control characters, not starting with 'panel:'",
             },
             "expires_in": {
                 "type": ["integer", "null"],

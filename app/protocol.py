@@ -1,28 +1,49 @@
-"""The WebSocket protocol: parse and validate client messages. No I/O here.
+"""The WebSocket protocol: one declaration per client message, parsed and validated. No I/O.
 
-See docs/protocol.md. :func:`parse` turns a text frame into one of the message dataclasses
-or raises :class:`ProtocolError` with an error code and a message naming the field.
+See docs/protocol.md. Each message is a pydantic model; a field's ``description`` is what the
+field must be, and it is both the error a client gets ("task_progress.progress must be a number
+in 0..100") and the text of the published JSON Schema (:func:`describe`, served as
+``GET /api/protocol.json``), so the two cannot drift apart. :func:`parse` turns a text frame into
+one of the message models or raises :class:`ProtocolError` with an error code and a message
+naming the field.
+
+Top-level keys a message does not declare are ignored (a newer client may add some: the
+versions in ``register`` say what it speaks); inside ``utilization`` they are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
-import re
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeGuard
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import ErrorDetails
 
 from store.clients import Hardware
 from training.version import VERSION_RE
 
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
-TASK_TYPE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,255}$"
+TASK_TYPE_PATTERN = r"^[A-Za-z0-9_.-]{1,255}$"
 MAX_METRICS = 64
 MAX_GPUS = 64
-KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat"
-UTILIZATION_KEYS = ("cpu_utilization", "ram_utilization", "gpu_utilization")
-GPU_UTILIZATION_KEYS = ("id", "utilization", "memory_used")
+MAX_TASK_TYPES = 32
+MAX_DEPTH = 16  # nesting of objects and lists in one frame (cpu_info may carry a little)
+TASK_ID_MAX = 2**31 - 1
+ROUND_MAX = 10**6
 MAX_GPU_MEMORY_MIB = 10**9
+ERROR_TEXT_MAX = 10_000
+KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat"
 
 
 class ProtocolError(Exception):
@@ -36,203 +57,268 @@ def invalid(message: str) -> ProtocolError:
     return ProtocolError("invalid_message", message)
 
 
-@dataclass(frozen=True)
-class Register:
+def _integral(value: Any) -> Any:
+    """Ids and rounds: a numeric string ("7") or an integral number (7.0) is that integer."""
+    if isinstance(value, str) and value.isdigit() and len(value) <= 20:
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _whole(value: Any) -> Any:
+    """As JSON Schema says, 36.0 is the integer 36."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = BeforeValidator(_whole)
+
+
+def _none_is_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+# A Field comes before a BeforeValidator in Annotated, so that its bounds reach the JSON Schema.
+TaskId = Annotated[
+    int,
+    Field(ge=1, le=TASK_ID_MAX, description=f"an integer in 1..{TASK_ID_MAX}"),
+    BeforeValidator(_integral),
+]
+Round = Annotated[
+    int, Field(ge=0, le=ROUND_MAX, description=f"an integer in 0..{ROUND_MAX}"), BeforeValidator(_integral)
+]
+ClientId = Annotated[
+    str,
+    Field(pattern=CLIENT_ID_PATTERN, description="at most 255 characters of [A-Za-z0-9._:-]"),
+]
+TaskTypeName = Annotated[
+    str, Field(pattern=TASK_TYPE_PATTERN, description="a task type name: letters, digits, '_', '.', '-'")
+]
+Percent = Annotated[float, Field(ge=0, le=100, description="a number in 0..100")]
+ShortText = Annotated[
+    str, Field(min_length=1, max_length=255, description="a non-empty string of at most 255 characters")
+]
+MetricValue = Annotated[
+    float | bool | Annotated[str, Field(max_length=256)] | None,
+    Field(description="a finite number, a boolean or a short string"),
+]
+Metrics = Annotated[
+    dict[Annotated[str, Field(max_length=64)], MetricValue],
+    Field(
+        max_length=MAX_METRICS,
+        description=f"an object of at most {MAX_METRICS} entries: names of at most 64 characters, "
+        "each a finite number, a boolean or a short string",
+    ),
+    BeforeValidator(_none_is_empty),
+]
+
+
+class Model(BaseModel):
+    """Strict types: no bool for a number, no "7" for a count (unless a field says so)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+
+
+def _message_schema(schema: dict[str, Any], *, reconnect: bool = False) -> None:
+    """A message's JSON Schema: ``type`` is required (it has a default only for Python callers);
+    a reconnecting ``register`` sends ``client_id`` and ``token`` together."""
+    schema["required"] = ["type", *schema.get("required", [])]
+    if reconnect:
+        schema["dependentRequired"] = {"client_id": ["token"], "token": ["client_id"]}
+
+
+class CpuInfo(Model):
+    model_config = ConfigDict(extra="allow")
+    cores: Annotated[int, Field(ge=1, le=4096, description="an integer in 1..4096"), Whole]
+
+
+class RamInfo(Model):
+    model_config = ConfigDict(extra="allow")
+    total_gb: float = Field(gt=0, le=1_000_000, description="a number in (0, 1000000]")
+
+
+class GpuInfo(Model):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("", max_length=255, description="a string of at most 255 characters")
+    memory_gb: float = Field(0, ge=0, le=100_000, description="a number in [0, 100000]")
+
+
+class GpuUse(Model):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[
+        int,
+        Field(ge=0, le=MAX_GPUS - 1, description=f"the GPU's index, an integer in 0..{MAX_GPUS - 1}"),
+        Whole,
+    ]
+    utilization: Percent
+    memory_used: float | None = Field(
+        None, ge=0, le=MAX_GPU_MEMORY_MIB, description=f"a number of MiB in 0..{MAX_GPU_MEMORY_MIB}"
+    )
+
+
+GpuList = Annotated[
+    list[GpuUse], Field(max_length=MAX_GPUS, description=f"a list of at most {MAX_GPUS} objects")
+]
+
+
+class Utilization(Model):
+    """The client's resource use, in percent; every key optional, others refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Optional, but not null: a key sent is a report.
+    cpu_utilization: Percent | SkipJsonSchema[None] = None
+    ram_utilization: Percent | SkipJsonSchema[None] = None
+    gpu_utilization: GpuList | SkipJsonSchema[None] = None
+
+    @field_validator("cpu_utilization", "ram_utilization", "gpu_utilization", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null: leave the key out instead")
+        return value
+
+    @field_validator("gpu_utilization")
+    @classmethod
+    def _ids_once(cls, gpus: list[GpuUse] | None) -> list[GpuUse] | None:
+        seen: set[int] = set()
+        for i, gpu in enumerate(gpus or []):
+            if gpu.id in seen:
+                raise ValueError(f"gpu_utilization[{i}].id {gpu.id} appears twice")
+            seen.add(gpu.id)
+        return gpus
+
+    def reported(self) -> dict[str, Any] | None:
+        """What was reported, as stored: None when nothing was ({} reports nothing)."""
+        return self.model_dump(exclude_none=True) or None
+
+
+UtilizationField = Annotated[
+    Utilization | None,
+    Field(None, description="an object with some of cpu_utilization, ram_utilization, gpu_utilization"),
+]
+
+
+class Register(Model):
+    """The first message on every connection; ``client_id`` and ``token`` only to reconnect."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema, reconnect=True))
+
     TYPE: ClassVar[str] = "register"
-    hardware: Hardware
-    client_id: str | None
-    token: str | None
-    protocol_version: int | None = None
-    client_version: str | None = None
+    type: Literal["register"] = "register"
+    cpu_info: CpuInfo = Field(description="an object with cores")
+    ram_info: RamInfo = Field(description="an object with total_gb")
+    gpu_info: Annotated[
+        list[GpuInfo],
+        Field(max_length=MAX_GPUS, description=f"a list of at most {MAX_GPUS} objects"),
+        BeforeValidator(lambda v: [] if v is None else v),
+    ] = Field(default_factory=list)
+    task_types: list[TaskTypeName] | None = Field(
+        None, max_length=MAX_TASK_TYPES, description=f"a list of at most {MAX_TASK_TYPES} task type names"
+    )
+    # Both or neither; null is taken for absent, but the schema offers only strings.
+    client_id: ClientId | SkipJsonSchema[None] = None
+    token: ShortText | SkipJsonSchema[None] = None
+    protocol_version: (
+        Annotated[int, Field(ge=1, le=1_000_000, description="an integer in 1..1000000"), Whole] | None
+    ) = None
+    client_version: str | None = Field(
+        None, max_length=32, pattern=VERSION_RE.pattern, description="a version of the form MAJOR.MINOR.PATCH"
+    )
+
+    @model_validator(mode="after")
+    def _reconnect_needs_both(self) -> Register:
+        if (self.client_id is None) != (self.token is None):
+            raise ValueError("register.client_id and register.token come together (reconnect) or not at all")
+        return self
+
+    @property
+    def hardware(self) -> Hardware:
+        return Hardware(
+            cpu_info=self.cpu_info.model_dump(),
+            ram_info=self.ram_info.model_dump(),
+            gpu_info=[gpu.model_dump() for gpu in self.gpu_info],
+            cores=self.cpu_info.cores,
+            ram_gb=float(self.ram_info.total_gb),
+            gpu_count=len(self.gpu_info),
+            gpu_memory_gb=max((float(gpu.memory_gb) for gpu in self.gpu_info), default=0.0),
+            task_types=list(self.task_types) if self.task_types is not None else None,
+        )
 
 
-@dataclass(frozen=True)
-class TaskRequest:
+class TaskRequest(Model):
+    """Ask for work; the server answers with ``task`` now or when fitting work appears."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_request"
-    client_id: str | None
+    type: Literal["task_request"] = "task_request"
+    client_id: ShortText | None = None
 
 
-@dataclass(frozen=True)
-class TaskProgress:
+class TaskProgress(Model):
+    """Progress of a task this client holds."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_progress"
-    task_id: int
-    round: int | None
-    progress: float
-    metrics: dict[str, Any]
-    utilization: dict[str, Any] | None = None
+    type: Literal["task_progress"] = "task_progress"
+    task_id: TaskId
+    round: Round | None = None
+    progress: Percent
+    metrics: Metrics = Field(default_factory=dict)
+    utilization: UtilizationField = None
 
 
-@dataclass(frozen=True)
-class TaskResult:
+class TaskResult(Model):
+    """The result of a task this client holds; a federated round uploads its update first."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_result"
-    task_id: int
-    round: int | None
-    status: str
-    metrics: dict[str, Any]
-    error: str | None
+    type: Literal["task_result"] = "task_result"
+    task_id: TaskId
+    round: Round | None = None
+    status: Literal["completed", "failed"] = Field(description="'completed' or 'failed'")
+    metrics: Metrics = Field(default_factory=dict)
+    error: str | None = Field(None, description=f"a string (kept to {ERROR_TEXT_MAX} characters)")
+
+    @field_validator("error")
+    @classmethod
+    def _bounded(cls, text: str | None) -> str | None:
+        return text[:ERROR_TEXT_MAX] if text else None
 
 
-@dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(Model):
     """A sign of life between tasks, with the client's resource use."""
 
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "heartbeat"
-    utilization: dict[str, Any] | None
+    type: Literal["heartbeat"] = "heartbeat"
+    utilization: UtilizationField = None
 
 
 Message = Register | TaskRequest | TaskProgress | TaskResult | Heartbeat
+MODELS: dict[str, type[Model]] = {
+    m.TYPE: m for m in (Register, TaskRequest, TaskProgress, TaskResult, Heartbeat)
+}
+_ANY_MESSAGE: TypeAdapter[Message] = TypeAdapter(Annotated[Message, Field(discriminator="type")])
+
+
+def describe() -> dict[str, Any]:
+    """The JSON Schema of every client message (one ``oneOf`` keyed by ``type``)."""
+    schema = _ANY_MESSAGE.json_schema()
+    schema["title"] = "AI Farm WebSocket messages, client to server (docs/protocol.md)"
+    return schema
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_field(body: dict[str, Any], key: str, where: str, lo: int, hi: int, *, required: bool) -> int | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise invalid(f"{where}.{key} is required")
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"{where}.{key} must be an integer")
-    if not lo <= value <= hi:
-        raise invalid(f"{where}.{key} must be in {lo}..{hi}")
-    return value
-
-
-def _optional_str(body: dict[str, Any], key: str, where: str, max_len: int = 255) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise invalid(f"{where}.{key} must be a non-empty string of at most {max_len} characters")
-    return value
-
-
-def _metrics(body: dict[str, Any], where: str) -> dict[str, Any]:
-    value = body.get("metrics", {})
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(f"{where}.metrics must be an object")
-    if len(value) > MAX_METRICS:
-        raise invalid(f"{where}.metrics has more than {MAX_METRICS} entries")
-    for key, item in value.items():
-        if len(key) > 64:
-            raise invalid(f"{where}.metrics key {key[:16]!r}... is longer than 64 characters")
-        if item is None or isinstance(item, bool) or _number(item):
-            continue
-        if isinstance(item, str) and len(item) <= 256:
-            continue
-        raise invalid(f"{where}.metrics.{key} must be a finite number, a boolean or a short string")
-    return value
-
-
-def _percent(value: Any, where: str) -> float:
-    if not _number(value) or not 0 <= value <= 100:
-        raise invalid(f"{where} must be a number in 0..100")
-    return float(value)
-
-
-def _unknown_keys(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
-    unknown = sorted(str(k)[:32] for k in value if k not in known)
-    if unknown:
-        raise invalid(
-            f"{where} has unknown keys {', '.join(unknown[:5])}; expected some of {', '.join(known)}"
-        )
-
-
-def _utilization(body: dict[str, Any], where: str) -> dict[str, Any] | None:
-    """The optional ``utilization`` object: the client's CPU, RAM and GPU use, in percent."""
-    value = body.get("utilization")
-    if value is None:
-        return None
-    where = f"{where}.utilization"
-    if not isinstance(value, dict):
-        raise invalid(f"{where} must be an object")
-    _unknown_keys(value, UTILIZATION_KEYS, where)
-    out: dict[str, Any] = {}
-    for key in ("cpu_utilization", "ram_utilization"):
-        if key in value:
-            out[key] = _percent(value[key], f"{where}.{key}")
-    if "gpu_utilization" in value:
-        gpus = value["gpu_utilization"]
-        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
-            raise invalid(f"{where}.gpu_utilization must be a list of at most {MAX_GPUS} objects")
-        seen: set[int] = set()
-        out["gpu_utilization"] = []
-        for i, gpu in enumerate(gpus):
-            at = f"{where}.gpu_utilization[{i}]"
-            if not isinstance(gpu, dict):
-                raise invalid(f"{at} must be an object")
-            _unknown_keys(gpu, GPU_UTILIZATION_KEYS, at)
-            gpu_id = _int_field(gpu, "id", at, 0, MAX_GPUS - 1, required=True)
-            assert gpu_id is not None
-            if gpu_id in seen:
-                raise invalid(f"{at}.id {gpu_id} appears twice")
-            seen.add(gpu_id)
-            entry: dict[str, Any] = {
-                "id": gpu_id,
-                "utilization": _percent(gpu.get("utilization"), f"{at}.utilization"),
-            }
-            if "memory_used" in gpu:
-                memory = gpu["memory_used"]
-                if not _number(memory) or not 0 <= memory <= MAX_GPU_MEMORY_MIB:
-                    raise invalid(f"{at}.memory_used must be a number of MiB in 0..{MAX_GPU_MEMORY_MIB}")
-                entry["memory_used"] = memory
-            out["gpu_utilization"].append(entry)
-    return out or None  # {} reports nothing
-
-
-def _hardware(body: dict[str, Any]) -> Hardware:
-    cpu, ram, gpus = body.get("cpu_info"), body.get("ram_info"), body.get("gpu_info", [])
-    if not isinstance(cpu, dict):
-        raise invalid("register.cpu_info must be an object")
-    if not isinstance(ram, dict):
-        raise invalid("register.ram_info must be an object")
-    if gpus is None:
-        gpus = []
-    if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
-        raise invalid(f"register.gpu_info must be a list of at most {MAX_GPUS} objects")
-    cores = _int_field(cpu, "cores", "register.cpu_info", 1, 4096, required=True)
-    total_gb = ram.get("total_gb")
-    if not _number(total_gb) or not 0 < total_gb <= 1_000_000:
-        raise invalid("register.ram_info.total_gb must be a number in (0, 1000000]")
-    gpu_memory = 0.0
-    for i, gpu in enumerate(gpus):
-        if not isinstance(gpu, dict):
-            raise invalid(f"register.gpu_info[{i}] must be an object")
-        mem = gpu.get("memory_gb", 0)
-        if not _number(mem) or not 0 <= mem <= 100_000:
-            raise invalid(f"register.gpu_info[{i}].memory_gb must be a number in [0, 100000]")
-        name = gpu.get("name", "")
-        if not isinstance(name, str) or len(name) > 255:
-            raise invalid(f"register.gpu_info[{i}].name must be a string of at most 255 characters")
-        gpu_memory = max(gpu_memory, float(mem))
-    types = body.get("task_types")
-    if types is not None and (
-        not isinstance(types, list)
-        or len(types) > 32
-        or not all(isinstance(t, str) and TASK_TYPE_RE.match(t) for t in types)
-    ):
-        raise invalid("register.task_types must be a list of at most 32 task type names")
-    assert cores is not None
-    return Hardware(
-        cpu_info=cpu,
-        ram_info=ram,
-        gpu_info=gpus,
-        cores=cores,
-        ram_gb=float(total_gb),
-        gpu_count=len(gpus),
-        gpu_memory_gb=gpu_memory,
-        task_types=types,
-    )
+def _depth(value: Any, limit: int) -> bool:
+    """True when ``value`` nests objects and lists at most ``limit`` levels deep."""
+    if isinstance(value, dict):
+        return limit > 0 and all(_depth(v, limit - 1) for v in value.values())
+    if isinstance(value, list):
+        return limit > 0 and all(_depth(v, limit - 1) for v in value)
+    return True
 
 
 def parse(frame: str | bytes) -> Message:
@@ -241,62 +327,119 @@ def parse(frame: str | bytes) -> Message:
         raise ProtocolError("invalid_json", "binary frames are not accepted; send JSON text")
     try:
         body = json.loads(frame, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ProtocolError("invalid_json", f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as error:
         raise ProtocolError("invalid_json", f"not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ProtocolError("invalid_json", "a message must be a JSON object")
+    if not _depth(body, MAX_DEPTH):
+        raise ProtocolError("invalid_json", f"nested deeper than {MAX_DEPTH} levels")
     kind = body.get("type")
-    if kind == "register":
-        client_id = _optional_str(body, "client_id", "register")
-        token = _optional_str(body, "token", "register")
-        if (client_id is None) != (token is None):
-            raise invalid("register.client_id and register.token come together (reconnect) or not at all")
-        if client_id is not None and not CLIENT_ID_RE.match(client_id):
-            raise invalid("register.client_id has characters outside [A-Za-z0-9._:-]")
-        protocol_version = _int_field(body, "protocol_version", "register", 1, 1_000_000, required=False)
-        client_version = _optional_str(body, "client_version", "register", max_len=32)
-        if client_version is not None and not VERSION_RE.match(client_version):
-            raise invalid("register.client_version must be a version of the form MAJOR.MINOR.PATCH")
-        return Register(_hardware(body), client_id, token, protocol_version, client_version)
-    if kind == "task_request":
-        return TaskRequest(_optional_str(body, "client_id", "task_request"))
-    if kind == "task_progress":
-        progress = body.get("progress")
-        if not _number(progress) or not 0 <= progress <= 100:
-            raise invalid("task_progress.progress must be a number in 0..100")
-        task_id = _int_field(body, "task_id", "task_progress", 1, 2**31 - 1, required=True)
-        assert task_id is not None
-        return TaskProgress(
-            task_id=task_id,
-            round=_int_field(body, "round", "task_progress", 0, 10**6, required=False),
-            progress=float(progress),
-            metrics=_metrics(body, "task_progress"),
-            utilization=_utilization(body, "task_progress"),
-        )
-    if kind == "task_result":
-        status = body.get("status")
-        if status not in ("completed", "failed"):
-            raise invalid("task_result.status must be 'completed' or 'failed'")
-        task_id = _int_field(body, "task_id", "task_result", 1, 2**31 - 1, required=True)
-        assert task_id is not None
-        error_text = body.get("error")
-        if error_text is not None and not isinstance(error_text, str):
-            raise invalid("task_result.error must be a string")
-        return TaskResult(
-            task_id=task_id,
-            round=_int_field(body, "round", "task_result", 0, 10**6, required=False),
-            status=status,
-            metrics=_metrics(body, "task_result"),
-            error=error_text[:10_000] if error_text else None,
-        )
-    if kind == "heartbeat":
-        return Heartbeat(_utilization(body, "heartbeat"))
     if kind is None:
         raise ProtocolError("unknown_type", "a message needs a 'type'")
-    raise ProtocolError(
-        "unknown_type",
-        f"unknown message type {str(kind)[:64]!r}; expected one of: {KNOWN_TYPES}",
-    )
+    model = MODELS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ProtocolError(
+            "unknown_type", f"unknown message type {str(kind)[:64]!r}; expected one of: {KNOWN_TYPES}"
+        )
+    try:
+        return model.model_validate(body)  # type: ignore[return-value]
+    except ValidationError as refused:
+        raise invalid(explain(model, kind, refused.errors())) from None
+
+
+def explain(model: type[BaseModel], where: str, errors: list[ErrorDetails]) -> str:
+    """One sentence for the first problem: the field's path and what it must be."""
+    first = errors[0]
+    loc = _field_loc(first["loc"])
+    path = _path(where, loc)
+    kind = first["type"]
+    if kind == "missing":
+        return f"{path} is required"
+    if kind == "value_error":  # a validator's own words: a whole sentence, "must ...", or "<field>..."
+        text = str((first.get("ctx") or {}).get("error", first["msg"]))
+        if text.startswith(f"{where}.") or not loc:
+            return text
+        return f"{path} {text}" if text.startswith("must") else f"{_path(where, loc[:-1])}.{text}"
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        unknown = sorted(
+            str(e["loc"][-1])[:32]
+            for e in errors
+            if e["type"] == kind and _field_loc(e["loc"])[:-1] == parent
+        )
+        known = _schema_at(model, parent).get("properties", {})
+        return (
+            f"{_path(where, parent)} has unknown keys {', '.join(unknown[:5])}; "
+            f"expected some of {', '.join(known)}"
+        )
+    description = _schema_at(model, loc).get("description")
+    if description is None:
+        return f"{path} is not valid: {first['msg']}"
+    return f"{path} must be {description}"
+
+
+def _field_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """The path of a field, without pydantic's names of union members ('float', 'str', ...)."""
+    out: list[int | str] = []
+    for part in loc:
+        if isinstance(part, str) and (part in _MEMBER_TAGS or "[" in part or part.startswith("function-")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+_MEMBER_TAGS = {"float", "bool", "str", "int", "none", "list[...]", "dict[str,...]"}
+for _name in ("Utilization", "GpuUse", "GpuInfo", "CpuInfo", "RamInfo"):
+    _MEMBER_TAGS.add(_name)
+
+
+def _path(where: str, loc: tuple[int | str, ...]) -> str:
+    path = where
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+@functools.cache
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+def _schema_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> dict[str, Any]:
+    """The JSON Schema of the field at ``loc`` (its description says what it must be)."""
+    root = _schema_of(model)
+    defs = root.get("$defs", {})
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while True:
+            if "$ref" in node:
+                node = {
+                    **defs[node["$ref"].rsplit("/", 1)[-1]],
+                    **{k: v for k, v in node.items() if k != "$ref"},
+                }
+                continue
+            branches = [b for b in node.get("anyOf", []) if b.get("type") != "null"]
+            if len(branches) == 1:
+                node = {**resolve(branches[0]), **{k: v for k, v in node.items() if k != "anyOf"}}
+                continue
+            return node
+
+    node = resolve(root)
+    for part in loc:
+        if isinstance(part, int):
+            child = node.get("items")
+        else:
+            child = node.get("properties", {}).get(part) or (
+                node.get("additionalProperties")
+                if isinstance(node.get("additionalProperties"), dict)
+                else None
+            )
+        if child is None:
+            break
+        node = resolve(child)
+    return node
 
 
 def error(code: str, message: str) -> str:

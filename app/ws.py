@@ -291,8 +291,9 @@ class Connection:
             self._progress[aid] = (msg.progress, msg.metrics)
         self._note_utilization(msg.utilization)
 
-    def _note_utilization(self, report: dict[str, Any] | None) -> None:
+    def _note_utilization(self, utilization: protocol.Utilization | None) -> None:
         """Keep the latest report; the hub writes it with the next batched flush."""
+        report = utilization.reported() if utilization is not None else None
         if report is not None:
             with self._lock:
                 self._utilization = report

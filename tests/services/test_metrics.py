@@ -104,21 +104,23 @@ MALFORMED: list[Any] = [
 
 def test_utilization_is_parsed_bounded_and_optional() -> None:
     msg = parse(heartbeat(REPORT))
-    assert msg == Heartbeat(
-        {
-            "cpu_utilization": 12.5,
-            "ram_utilization": 40.0,
-            "gpu_utilization": [{"id": 0, "utilization": 77.0, "memory_used": 2048}],
-        }
-    )
-    assert parse('{"type": "heartbeat"}') == Heartbeat(None)
-    assert parse(heartbeat({})) == Heartbeat(None)
+    assert isinstance(msg, Heartbeat) and msg.utilization is not None
+    assert msg.utilization.reported() == {
+        "cpu_utilization": 12.5,
+        "ram_utilization": 40.0,
+        "gpu_utilization": [{"id": 0, "utilization": 77.0, "memory_used": 2048}],
+    }
+    assert parse('{"type": "heartbeat"}') == Heartbeat(utilization=None)
+    empty = parse(heartbeat({}))
+    assert isinstance(empty, Heartbeat) and empty.utilization is not None
+    assert empty.utilization.reported() is None  # {} reports nothing
     progress = parse(
         json.dumps(
             {"type": "task_progress", "task_id": 3, "progress": 5, "utilization": {"cpu_utilization": 0}}
         )
     )
-    assert isinstance(progress, TaskProgress) and progress.utilization == {"cpu_utilization": 0.0}
+    assert isinstance(progress, TaskProgress) and progress.utilization is not None
+    assert progress.utilization.reported() == {"cpu_utilization": 0.0}
     for bad in MALFORMED:
         with pytest.raises(ProtocolError) as refused:
             parse(heartbeat(bad))
