@@ -86,7 +86,7 @@ class Settings:
     ADMIN_PASSWORD: str = ""  # the panel's password, or its werkzeug hash; empty: no password sign-in
     ADMIN_SESSION_TTL: int = 8 * 3600  # seconds a panel sign-in lasts
     ADMIN_LOGIN_RATE_LIMIT: str = "10/minute"  # sign-in attempts per remote address
-    RATE_LIMIT: str = "60/minute"  # admin REST API, per remote address
+    RATE_LIMIT: str = "60/minute"  # admin REST API, per admin token (per address for a wrong one)
     CLIENT_RATE_LIMIT: str = "600/minute"  # model exchange, per client id
     MAX_BODY_SIZE: int = 1 << 20  # JSON request bodies
     MAX_UPLOAD_SIZE: int = 256 << 20  # model updates
