@@ -2,15 +2,48 @@
 
 The web tier calls :func:`normalize_federated_config` when a task is submitted and stores
 the normalized config, so workers and clients read every field without defaults of their own.
+
+The config is declared once, as the pydantic model :class:`FederatedConfig`: a field's
+``description`` is what it must be ("an integer in 1..10000"), both in the published JSON
+Schema (:func:`federated_config_schema`) and in the error a user gets ("config.rounds must be
+in 1..10000, got 0"). Fields are checked in the order they are declared; the rules that span
+fields (``num_shards`` against the dataset, ``min_fit_clients`` against ``num_shards``, the
+strategy against the quorum) are validators of the model.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from aggregation.spec import normalize_strategy
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from aggregation.spec import (
+    STRATEGIES,
+    SpecField,
+    Whole,
+    choice_field,
+    explain,
+    integer_field,
+    no_default,
+    normalize_strategy,
+    not_null,
+    number_field,
+    strategy_params_defs,
+    strategy_params_ref,
+)
 
 TASK_TYPE = "federated_training"
 
@@ -28,80 +61,182 @@ MAX_ROUNDS = 10_000
 MAX_SHARDS = 1_000
 MAX_LOCAL_EPOCHS = 1_000
 MAX_BATCH_SIZE = 65_536
-
-KNOWN_KEYS = frozenset(
-    {
-        "model",
-        "dataset",
-        "rounds",
-        "num_shards",
-        "local_epochs",
-        "batch_size",
-        "lr",
-        "momentum",
-        "partition",
-        "alpha",
-        "seed",
-        "strategy",
-        "strategy_params",
-        "deadline_s",
-        "round_timeout_s",
-        "min_fit_fraction",
-        "min_fit_clients",
-        "max_round_retries",
-    }
-)
 MAX_DEADLINE_S = 30 * 86400.0  # an assignment's deadline, and a round's timeout, at most 30 days
 MAX_ROUND_RETRIES = 100
+MAX_SEED = 2**31 - 1
 
 
-class SpecError(ValueError):
-    """A config that cannot run; the message says which field and why."""
+class SpecError(SpecField):
+    """A config that cannot run; the message says which field and why (``field``: its path,
+    such as ``config.rounds``, when one field is to blame)."""
 
 
-def _int(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # as JSON Schema says: 3.0 is the integer 3
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"config.{key} must be an integer")
-    if not lo <= value <= hi:
-        raise SpecError(f"config.{key} must be in {lo}..{hi}, got {value}")
-    return value
+def _between(lo: float, hi: float, *, lo_open: bool) -> Any:
+    return number_field(lo, hi, lo_open=lo_open, hi_open=False, text=repr)
 
 
-def _float(raw: Mapping[str, Any], key: str, default: float, lo: float, hi: float, *, open_lo: bool) -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"config.{key} must be a number")
-    value = float(value)
-    low_ok = value > lo if open_lo else value >= lo
-    if not (low_ok and value <= hi):
-        bracket = "(" if open_lo else "["
-        raise SpecError(f"config.{key} must be in {bracket}{lo}, {hi}], got {value}")
-    return value
+def _ints(lo: int, hi: int) -> Any:
+    return integer_field(lo, hi)
 
 
-def optional_seconds(raw: Mapping[str, Any], key: str) -> float | None:
-    """An optional duration in seconds: absent or null, or a number in (0, 30 days]."""
-    if raw.get(key) is None:
-        return None
-    return _float(raw, key, 0.0, 0.0, MAX_DEADLINE_S, open_lo=True)
+Shards = Annotated[int, _ints(1, MAX_SHARDS), Whole]
+Seconds = Annotated[float, _between(0.0, MAX_DEADLINE_S, lo_open=True)]
+SECONDS_DESCRIPTION = "a number in (0.0, 2592000.0], or null"
 
 
-def quorum(config: Mapping[str, Any]) -> int:
-    """Accepted updates a round needs to close at its timeout: the larger of ``min_fit_clients``
-    and ``min_fit_fraction`` of the shards (rounded up), at most every shard."""
-    shards = int(config.get("num_shards", 1))
-    by_fraction = math.ceil(float(config.get("min_fit_fraction", 1.0)) * shards - 1e-9)
-    return max(1, min(shards, max(int(config.get("min_fit_clients", 1)), by_fraction)))
+class FederatedConfig(BaseModel):
+    """The config of a federated_training task (docs/deployment.md, "Federated config
+    reference"). Unknown keys are refused; an absent key takes its default: local_epochs and
+    batch_size the server's DEFAULT_EPOCHS and DEFAULT_BATCH_SIZE."""
+
+    # Fields are checked in the order they are declared; the stored config (normalized())
+    # lists them in STORED_ORDER.
+
+    model_config = ConfigDict(
+        strict=True,
+        allow_inf_nan=False,
+        extra="forbid",
+        title="FederatedConfig",
+    )
+
+    num_shards: Shards = 1
+    strategy: Annotated[Literal[STRATEGIES], choice_field(STRATEGIES)] = "fedavg"  # type: ignore[valid-type]
+    strategy_params: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="an object (the chosen strategy's parameters)",
+    )
+    partition: Annotated[Literal["iid", "dirichlet"], choice_field(PARTITIONS)] = "iid"
+    model: Annotated[Literal["mlp", "cnn"], choice_field(MODELS)] = "mlp"
+    dataset: Annotated[Literal["digits", "synthetic"], choice_field(DATASETS)] = "digits"
+    rounds: Annotated[int, _ints(1, MAX_ROUNDS), Whole] = DEFAULT_ROUNDS
+    # Absent: the server's DEFAULT_EPOCHS and DEFAULT_BATCH_SIZE; null is refused.
+    local_epochs: Annotated[int, _ints(1, MAX_LOCAL_EPOCHS), Whole] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=no_default
+    )
+    batch_size: Annotated[int, _ints(1, MAX_BATCH_SIZE), Whole] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=no_default
+    )
+    lr: Annotated[float, _between(0.0, 10.0, lo_open=True)] = 0.05
+    momentum: Annotated[float, _between(0.0, 0.999, lo_open=False)] = 0.0
+    alpha: Annotated[float, _between(0.0, 1000.0, lo_open=True)] = 0.5
+    seed: Annotated[int, _ints(0, MAX_SEED), Whole] = 0
+    deadline_s: Seconds | None = Field(None, description=SECONDS_DESCRIPTION)
+    round_timeout_s: Seconds | None = Field(None, description=SECONDS_DESCRIPTION)
+    min_fit_fraction: Annotated[float, _between(0.0, 1.0, lo_open=True)] = 1.0
+    min_fit_clients: Annotated[int, _ints(1, MAX_SHARDS), Whole] = 1
+    max_round_retries: Annotated[int, _ints(0, MAX_ROUND_RETRIES), Whole] = 2
+
+    @field_validator("local_epochs", "batch_size", mode="before")
+    @classmethod
+    def _given(cls, value: Any) -> Any:
+        return not_null(value)
+
+    @field_validator("strategy_params")
+    @classmethod
+    def _strategy_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "strategy" not in info.data or "num_shards" not in info.data:
+            return params  # the strategy or num_shards is refused: that is the error
+        return normalize_strategy(info.data["strategy"], params, info.data["num_shards"])
+
+    @field_validator("dataset")
+    @classmethod
+    def _enough_examples(cls, dataset: str, info: ValidationInfo) -> str:
+        num_shards = info.data.get("num_shards")
+        if num_shards is not None and num_shards > TRAIN_SIZES[dataset]:
+            raise ValueError(
+                f"config.num_shards must be at most {TRAIN_SIZES[dataset]} for dataset {dataset!r} "
+                f"(one training example per shard at least), got {num_shards}"
+            )
+        return dataset
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _quorum(cls, raw: Any, handler: Any) -> FederatedConfig:
+        config: FederatedConfig = handler(raw)
+        num_shards = config.num_shards
+        if config.min_fit_clients > num_shards:
+            raise ValueError(
+                f"config.min_fit_clients={config.min_fit_clients} is more than num_shards={num_shards}: "
+                "a round could never reach its quorum"
+            )
+        needed = quorum(config.model_dump())
+        if needed < num_shards:
+            # A round closed on its quorum aggregates that many updates: the rule must work on
+            # them (checked on the parameters as given, so defaults that depend on the number
+            # of updates are taken for the quorum).
+            try:
+                normalize_strategy(config.strategy, raw.get("strategy_params", {}), needed)
+            except ValueError as exc:
+                raise ValueError(f"with a quorum of {needed} of {num_shards} updates, {exc}") from exc
+        return config
+
+    def normalized(self, *, default_batch_size: int, default_epochs: int) -> dict[str, Any]:
+        """The config as stored: every key, in :data:`STORED_ORDER`."""
+        values = self.model_dump()
+        values["local_epochs"] = default_epochs if self.local_epochs is None else self.local_epochs
+        values["batch_size"] = default_batch_size if self.batch_size is None else self.batch_size
+        return {key: values[key] for key in STORED_ORDER}
 
 
-def _choice(raw: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = raw.get(key, default)
-    if value not in allowed:
-        raise SpecError(f"config.{key} must be one of {', '.join(allowed)}; got {value!r}")
-    return str(value)
+#: The keys of a stored config, in their order.
+STORED_ORDER: tuple[str, ...] = (
+    "model",
+    "dataset",
+    "rounds",
+    "num_shards",
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "partition",
+    "alpha",
+    "seed",
+    "strategy",
+    "strategy_params",
+    "deadline_s",
+    "round_timeout_s",
+    "min_fit_fraction",
+    "min_fit_clients",
+    "max_round_retries",
+)
+KNOWN_KEYS = frozenset(FederatedConfig.model_fields)
+
+
+def _strategy_params_by_strategy(schema: dict[str, Any]) -> None:
+    """``strategy_params`` is the chosen strategy's: one ``if``/``then`` per strategy (no
+    ``strategy`` means fedavg), and ``num_shards`` is at most the dataset's train size."""
+    rules: list[dict[str, Any]] = []
+    for name in STRATEGIES:
+        condition: dict[str, Any] = {"properties": {"strategy": {"const": name}}}
+        if name != "fedavg":
+            condition["required"] = ["strategy"]
+        ref = {"$ref": f"#/$defs/{strategy_params_ref(name)}"}
+        rules.append({"if": condition, "then": {"properties": {"strategy_params": ref}}})
+    for dataset, size in TRAIN_SIZES.items():
+        condition = {"properties": {"dataset": {"const": dataset}}}
+        if dataset != "digits":
+            condition["required"] = ["dataset"]
+        if size < MAX_SHARDS:
+            rules.append({"if": condition, "then": {"properties": {"num_shards": {"maximum": size}}}})
+    schema["allOf"] = rules
+
+
+def _got(value: Any, number: bool) -> str:
+    return repr(float(value)) if number and isinstance(value, (int, float)) else repr(value)
+
+
+def _explain(errors: list[Any]) -> SpecError:
+    refused = explain(
+        FederatedConfig,
+        "config",
+        errors,
+        got=_got,
+        unknown=lambda keys: f"unknown config field(s): {', '.join(keys)}",
+        extra_before="num_shards",
+        finite=False,
+    )
+    return SpecError(str(refused), refused.field)
 
 
 def normalize_federated_config(
@@ -113,58 +248,53 @@ def normalize_federated_config(
     ``local_epochs`` from ``DEFAULT_EPOCHS`` (the server's settings), the rest from this module.
     """
     if not isinstance(raw, Mapping):
-        raise SpecError("config must be an object")
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        raise SpecError(f"unknown config field(s): {', '.join(unknown)}")
-    num_shards = _int(raw, "num_shards", 1, 1, MAX_SHARDS)
-    strategy = raw.get("strategy", "fedavg")
-    if not isinstance(strategy, str):
-        raise SpecError("config.strategy must be a string")
-    params = raw.get("strategy_params", {})
-    if not isinstance(params, Mapping):
-        raise SpecError("config.strategy_params must be an object")
+        raise SpecError("config must be an object", "config")
     try:
-        strategy_params = normalize_strategy(strategy, params, num_shards)
-    except ValueError as exc:
-        raise SpecError(str(exc)) from exc
-    partition = _choice(raw, "partition", "iid", PARTITIONS)
-    model = _choice(raw, "model", "mlp", MODELS)
-    dataset = _choice(raw, "dataset", "digits", DATASETS)
-    if num_shards > TRAIN_SIZES[dataset]:
-        raise SpecError(
-            f"config.num_shards must be at most {TRAIN_SIZES[dataset]} for dataset {dataset!r} "
-            f"(one training example per shard at least), got {num_shards}"
-        )
-    config: dict[str, Any] = {
-        "model": model,
-        "dataset": dataset,
-        "rounds": _int(raw, "rounds", DEFAULT_ROUNDS, 1, MAX_ROUNDS),
-        "num_shards": num_shards,
-        "local_epochs": _int(raw, "local_epochs", default_epochs, 1, MAX_LOCAL_EPOCHS),
-        "batch_size": _int(raw, "batch_size", default_batch_size, 1, MAX_BATCH_SIZE),
-        "lr": _float(raw, "lr", 0.05, 0.0, 10.0, open_lo=True),
-        "momentum": _float(raw, "momentum", 0.0, 0.0, 0.999, open_lo=False),
-        "partition": partition,
-        "alpha": _float(raw, "alpha", 0.5, 0.0, 1000.0, open_lo=True),
-        "seed": _int(raw, "seed", 0, 0, 2**31 - 1),
-        "strategy": strategy,
-        "strategy_params": strategy_params,
-        "deadline_s": optional_seconds(raw, "deadline_s"),
-        "round_timeout_s": optional_seconds(raw, "round_timeout_s"),
-        "min_fit_fraction": _float(raw, "min_fit_fraction", 1.0, 0.0, 1.0, open_lo=True),
-        "min_fit_clients": _int(raw, "min_fit_clients", 1, 1, MAX_SHARDS),
-        "max_round_retries": _int(raw, "max_round_retries", 2, 0, MAX_ROUND_RETRIES),
-    }
-    if config["min_fit_clients"] > num_shards:
-        raise SpecError(
-            f"config.min_fit_clients={config['min_fit_clients']} is more than num_shards={num_shards}: "
-            "a round could never reach its quorum"
-        )
-    needed = quorum(config)
-    if needed < num_shards:
-        try:  # a round closed on its quorum aggregates that many updates: the rule must work on them
-            normalize_strategy(strategy, params, needed)
-        except ValueError as exc:
-            raise SpecError(f"with a quorum of {needed} of {num_shards} updates, {exc}") from exc
-    return config
+        config = FederatedConfig.model_validate(dict(raw))
+    except ValidationError as refused:
+        raise _explain(refused.errors()) from None
+    return config.normalized(default_batch_size=default_batch_size, default_epochs=default_epochs)
+
+
+_SECONDS: TypeAdapter[float] = TypeAdapter(Seconds)
+
+
+def optional_seconds(raw: Mapping[str, Any], key: str) -> float | None:
+    """An optional duration in seconds: absent or null, or a number in (0, 30 days]."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    try:
+        return _SECONDS.validate_python(value, strict=True)
+    except ValidationError as refused:
+        error = refused.errors()[0]
+        path = f"config.{key}"
+        if error["type"] in ("float_type", "float_parsing"):
+            raise SpecError(f"{path} must be a number in (0.0, 2592000.0], got {value!r}", path) from None
+        raise SpecError(f"{path} must be in (0.0, 2592000.0], got {_got(value, True)}", path) from None
+
+
+def quorum(config: Mapping[str, Any]) -> int:
+    """Accepted updates a round needs to close at its timeout: the larger of ``min_fit_clients``
+    and ``min_fit_fraction`` of the shards (rounded up), at most every shard."""
+    shards = int(config.get("num_shards", 1))
+    by_fraction = math.ceil(float(config.get("min_fit_fraction", 1.0)) * shards - 1e-9)
+    return max(1, min(shards, max(int(config.get("min_fit_clients", 1)), by_fraction)))
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    schema = FederatedConfig.model_json_schema(ref_template="#/$defs/{model}")
+    _strategy_params_by_strategy(schema)
+    schema.setdefault("$defs", {}).update(strategy_params_defs())
+    return schema
+
+
+def federated_config_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a ``federated_training`` task's ``config``, with every
+    strategy's parameters under ``$defs`` (references are ``#/$defs/<name>``). What it cannot
+    say: ``min_fit_clients`` is at most ``num_shards``, and the strategy needs enough updates
+    (``num_shards``, or the quorum when it is smaller)."""
+    import copy
+
+    return copy.deepcopy(_schema())

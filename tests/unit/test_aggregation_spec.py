@@ -125,7 +125,7 @@ def test_adaptive_clipping_defaults() -> None:
         ("trimmed_mean", {"beta": 0.5}, 4, "trims away all 4 updates"),
         ("krum", {"f": 1}, 4, "needs more than 2f + 2 = 4 updates, got 4"),
         ("krum", {"f": -1}, 9, "f must be in"),
-        ("krum", {"f": 1.0}, 9, "f must be an integer"),
+        ("krum", {"f": 1.5}, 9, "f must be an integer in 0..1000000, got 1.5"),
         ("multi_krum", {"f": 1, "m": 5}, 5, "keeps at most n - f = 4 updates, but m=5"),
         ("multi_krum", {"f": 1, "m": 0}, 5, "m must be in"),
         ("bulyan", {"f": 1}, 6, "needs at least 4f + 3 = 7 updates, got 6"),
@@ -142,6 +142,13 @@ def test_refusals_say_why(name: str, params: dict[str, Any], n: int, fragment: s
     with pytest.raises(ValueError) as err:
         normalize_strategy(name, params, n)
     assert fragment in str(err.value)
+
+
+def test_an_integral_number_is_an_integer() -> None:
+    # As JSON Schema says: 2.0 is the integer 2 (and it is stored as one).
+    out = normalize_strategy("multi_krum", {"f": 1.0, "m": 2.0, "seed": 7.0}, 5)
+    assert (out["f"], out["m"], out["seed"]) == (1, 2, 7)
+    assert all(type(out[key]) is int for key in ("f", "m", "seed"))
 
 
 def test_boundaries_that_just_work() -> None:
