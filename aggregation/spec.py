@@ -178,17 +178,20 @@ def explain(
     first = min(errors, key=rank)  # min keeps the first of equals: pydantic's order
     kind = first["type"]
     if kind == "extra_forbidden":
-        return SpecField(unknown(sorted(str(e["loc"][0]) for e in errors if e["type"] == kind)))
+        return SpecField(unknown(sorted(str(e["loc"][0]) for e in errors if e["type"] == kind)), where)
     loc = first["loc"]
+    raised = (first.get("ctx") or {}).get("error")
+    # A validator that raises SpecField names the field at fault, relative to ``where``.
+    blamed = f"{where}.{raised.field}" if isinstance(raised, SpecField) and raised.field else None
     if not loc:
         if kind in ("model_type", "dict_type", "model_attributes_type"):
             return SpecField(f"{where} must be an object", where)
-        return SpecField(str((first.get("ctx") or {}).get("error", first["msg"])))
+        return SpecField(str(raised or first["msg"]), blamed)
     name = str(loc[0])
     path = f"{where}.{name}"
     if kind == "value_error":  # a validator's own words: a whole sentence
-        text = str((first.get("ctx") or {}).get("error", first["msg"]))
-        return SpecField(f"{path} {text}" if text.startswith("must") else text, path)
+        text = str(raised or first["msg"])
+        return SpecField(f"{path} {text}" if text.startswith("must") else text, blamed or path)
     if kind == "missing":
         return SpecField(f"{path} is required", path)
     description = describe(model.model_fields[name])

@@ -144,9 +144,10 @@ class FederatedConfig(BaseModel):
     def _enough_examples(cls, dataset: str, info: ValidationInfo) -> str:
         num_shards = info.data.get("num_shards")
         if num_shards is not None and num_shards > TRAIN_SIZES[dataset]:
-            raise ValueError(
+            raise SpecField(
                 f"config.num_shards must be at most {TRAIN_SIZES[dataset]} for dataset {dataset!r} "
-                f"(one training example per shard at least), got {num_shards}"
+                f"(one training example per shard at least), got {num_shards}",
+                "num_shards",
             )
         return dataset
 
@@ -156,9 +157,10 @@ class FederatedConfig(BaseModel):
         config: FederatedConfig = handler(raw)
         num_shards = config.num_shards
         if config.min_fit_clients > num_shards:
-            raise ValueError(
+            raise SpecField(
                 f"config.min_fit_clients={config.min_fit_clients} is more than num_shards={num_shards}: "
-                "a round could never reach its quorum"
+                "a round could never reach its quorum",
+                "min_fit_clients",
             )
         needed = quorum(config.model_dump())
         if needed < num_shards:
@@ -168,7 +170,8 @@ class FederatedConfig(BaseModel):
             try:
                 normalize_strategy(config.strategy, raw.get("strategy_params", {}), needed)
             except ValueError as exc:
-                raise ValueError(f"with a quorum of {needed} of {num_shards} updates, {exc}") from exc
+                field = exc.field if isinstance(exc, SpecField) else None
+                raise SpecField(f"with a quorum of {needed} of {num_shards} updates, {exc}", field) from exc
         return config
 
     def normalized(self, *, default_batch_size: int, default_epochs: int) -> dict[str, Any]:
