@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from simple_websocket import ConnectionClosed
+from sqlalchemy.orm import Session
 
 import server_settings
 from app import compat, jobs, metrics, protocol
@@ -25,8 +26,8 @@ from app.hub import Hub
 from app.protocol import Heartbeat, ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
 from store import assignments, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
-from store.db import Database, Unavailable
-from store.models import FEDERATED, utcnow
+from store.db import Busy, Database, Unavailable
+from store.models import FEDERATED, TaskAssignment, TaskShard, utcnow
 from store.states import TaskState
 
 log = logging.getLogger("aifarm.ws")
@@ -82,9 +83,10 @@ class Connection:
             self.ws.send(json.dumps(message))
             metrics.ws_out(message["type"])
 
-    def error(self, code: str, message: str) -> None:
+    def error(self, code: str, message: str, about: dict[str, Any] | None = None) -> None:
+        """Send an ``error``; ``about`` names the message refused (a ``task_result``'s task)."""
         metrics.ws_error(code)
-        self.send({"type": "error", "code": code, "message": message})
+        self.send({"type": "error", "code": code, "message": message, **(about or {})})
 
     def close_superseded(self) -> None:
         """Another connection of this client took over (or the sweep timed us out)."""
@@ -166,8 +168,11 @@ class Connection:
 
     def _handle(self, frame: str | bytes) -> None:
         kind = "invalid"  # a frame that does not parse
+        about: dict[str, Any] | None = None  # a refused result names its task: the client settles it
         try:
             message = protocol.parse(frame)
+            if isinstance(message, TaskResult):
+                about = {"in_reply_to": "task_result", "task_id": message.task_id, "round": message.round}
             kind = message.TYPE
             if isinstance(message, Register):
                 self._register(message)
@@ -182,12 +187,20 @@ class Connection:
             elif isinstance(message, Heartbeat):
                 self._note_utilization(message.utilization)
         except ProtocolError as problem:
-            self.error(problem.code, problem.message)
+            self.error(problem.code, problem.message, about)
+        except Busy:
+            self.error(
+                "unavailable", "the database is busy; nothing was changed, try again shortly", about=about
+            )
         except Unavailable:
-            self.error("unavailable", "the database is unavailable; nothing was changed, try again shortly")
+            self.error(
+                "unavailable",
+                "the database is unavailable; nothing was changed, try again shortly",
+                about=about,
+            )
         except Exception:
             log.exception("event=ws_error client=%s", self.client_id)
-            self.error("internal", "internal error; nothing was changed")
+            self.error("internal", "internal error; nothing was changed", about=about)
         finally:
             metrics.ws_in(kind)
 
@@ -299,12 +312,18 @@ class Connection:
                 self._utilization = report
 
     def _task_result(self, msg: TaskResult) -> None:
+        """Record a result and acknowledge it (``result_accepted``) after the commit.
+
+        A result recorded before (the client missed the acknowledgement and sent it again) is
+        acknowledged again with ``duplicate`` true, and changes nothing. The socket may close
+        meanwhile: what was received is still recorded, and a client that got no
+        acknowledgement sends the result again on its next connection."""
         client_id = self.client_id
         assert client_id is not None
-        self._find(msg.task_id, msg.round)
-        try:
-            assignment, shard = self.db.run(
-                lambda s: assignments.finish(
+
+        def record(s: Session) -> tuple[TaskAssignment, TaskShard | None, bool]:
+            try:
+                assignment, shard = assignments.finish(
                     s,
                     client_id,
                     msg.task_id,
@@ -316,7 +335,15 @@ class Connection:
                     max_attempts=self.settings.MAX_SHARD_ATTEMPTS,
                     max_tasks=self.settings.MAX_TASKS_PER_CLIENT,
                 )
-            )
+            except NotAssigned:
+                again = assignments.reported(s, client_id, msg.task_id, msg.round, msg.status)
+                if again is None:
+                    raise
+                return again, None, True
+            return assignment, shard, False
+
+        try:
+            assignment, shard, duplicate = self.db.run(record)
         except UnknownTask:
             raise ProtocolError("unknown_task", f"no task {msg.task_id}") from None
         except NotAssigned:
@@ -333,11 +360,24 @@ class Connection:
             self._finished.add(assignment.id)
             self._held.pop(assignment.id, None)
             self._progress.pop(assignment.id, None)
+        self.send(
+            {
+                "type": "result_accepted",
+                "task_id": msg.task_id,
+                "round": assignment.round,
+                "rank": assignment.rank,
+                "assignment_id": assignment.id,
+                "status": msg.status,
+                "duplicate": duplicate,
+            }
+        )
         log.info(
-            "event=result task=%d round=%d rank=%d client=%s assignment=%d status=%s shard=%s",
+            "event=result task=%d round=%d rank=%d client=%s assignment=%d status=%s shard=%s%s",
             msg.task_id, assignment.round, assignment.rank, client_id, assignment.id, msg.status,
-            shard.status if shard else "-",
+            shard.status if shard else "-", " duplicate=true" if duplicate else "",
         )  # fmt: skip
+        if duplicate:
+            return
         jobs.enqueue("workers.tasks.advance_task", msg.task_id)
         # Its load dropped (it may have more requests waiting), and a failed shard is free again.
         jobs.request_schedule()

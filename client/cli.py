@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tasks",
         type=_positive_int,
         default=None,
-        help="exit (status 0) after sending this many task results; default: run until stopped",
+        help="exit (status 0) once the server acknowledged this many results; default: run until stopped",
     )
     parser.add_argument(
         "--threads",
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             args.server, session, backoff=Backoff(), give_up_after=args.give_up_after or None
         )
         connection.run()
-        log.info("done: %d task result(s) sent", args.max_tasks or 0)
+        log.info("done: %d task result(s) acknowledged", args.max_tasks or 0)
         return EXIT_OK
     except KeyboardInterrupt:
         log.info("interrupted; stopping")

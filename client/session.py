@@ -19,11 +19,16 @@ Rules it follows (docs/protocol.md):
   old one), and one that failed is tried again.
 * ``pause`` holds the task between batches, ``resume`` releases it, ``stop`` drops it: no
   upload, no result, and a new ``task_request``.
-* Results survive a reconnect (they stay in the outbox); progress and requests do not.
+* A result is kept until the server acknowledges it (``result_accepted``): one not yet sent,
+  or sent on a connection that dropped before its acknowledgement, goes out again on the next
+  connection; progress and requests do not survive a reconnect. An ``error`` that names the
+  result's task (``in_reply_to`` ``task_result``) settles it: resent after a pause when
+  transient, forgotten (not counted against ``--max-tasks``) when final.
 * With a ``utilization`` probe, the machine's CPU, RAM and GPU use goes out every
   ``utilization_interval`` seconds: on the next ``task_progress``, or else in a ``heartbeat``.
 * ``error`` ``unavailable``/``internal``/``rate_limited``/``client_disabled``: the results sent
-  in the last seconds and the request are sent again after a pause, since "nothing was changed".
+  in the last seconds (or the one the error names) and the request are sent again after a
+  pause, since "nothing was changed".
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from training.version import PROTOCOL_VERSION, VERSION
 log = logging.getLogger("aifarm.client")
 
 RETRY_DELAYS = {"unavailable": 5.0, "internal": 5.0, "rate_limited": 15.0, "client_disabled": 60.0}
+# Refusals of a result that sending it again cannot change (docs/protocol.md, "Error codes").
+FINAL_REFUSALS = frozenset({"not_assigned", "unknown_task", "superseded", "timed_out", "upload_required"})
 
 
 class Fatal(Exception):
@@ -160,11 +167,11 @@ class ClientSession:
 
     @property
     def done(self) -> bool:
-        """``max_tasks`` results were sent and none waits to be sent again."""
+        """``max_tasks`` results were acknowledged by the server and none waits for it."""
         with self._lock:
-            if not self._ledger.quota_sent():
+            if not self._ledger.quota_acknowledged():
                 return False
-            waiting = self._outbox.has_result() or self._ledger.resends_waiting()
+            waiting = self._ledger.unacknowledged() or self._ledger.resends_waiting()
             return not waiting and self._retry_at is None
 
     def pending_outgoing(self) -> list[dict[str, Any]]:
@@ -191,8 +198,10 @@ class ClientSession:
                 self.resume(task_id)
             else:
                 self.stop(task_id)
+        elif kind == "result_accepted":
+            self._on_result_accepted(message)
         elif kind == "error":
-            self._on_error(str(message.get("code", "")), str(message.get("message", "")))
+            self._on_error(str(message.get("code", "")), str(message.get("message", "")), message)
         else:
             log.warning("ignoring a server message of unknown type %r", kind)
 
@@ -217,6 +226,12 @@ class ClientSession:
                 log.info("registered again as client %s", client_id)
             self._outbox.registered = True
             self._requested = False
+            # Results sent on an older connection and never acknowledged go out again: the
+            # server acknowledges a result it recorded already without recording it twice.
+            for result in self._ledger.unacknowledged():
+                if not self._outbox.holds(result):
+                    log.info("sending the unacknowledged result of task %s again", result.get("task_id"))
+                    self._outbox.append(result)
             # The server tells a new connection again which of our tasks are paused.
             self._tasks.forget_pauses()
         self._maybe_request()
@@ -295,12 +310,51 @@ class ClientSession:
             self._outbox.append(finished)
         return True
 
-    def _on_error(self, code: str, text: str) -> None:
+    def _on_result_accepted(self, message: Mapping[str, Any]) -> None:
+        task_id = as_int(message.get("task_id"))
+        if task_id is None:
+            log.warning("ignoring result_accepted without an integer task_id: %r", dict(message))
+            return
+        with self._lock:
+            result = self._ledger.acknowledge(
+                task_id, as_int(message.get("round")), as_int(message.get("rank"))
+            )
+            if result is not None:
+                self._outbox.discard(result)  # a resend still waiting is not needed any more
+        if result is None:
+            log.debug("result_accepted for task %s: nothing was waiting for it", task_id)
+        else:
+            log.info("task %s: result acknowledged by the server", task_id)
+
+    def _on_result_error(self, code: str, task_id: int, round_no: int | None) -> bool:
+        """An ``error`` that names the result it refuses; True when it was dealt with here."""
+        with self._lock:
+            if code in RETRY_DELAYS:
+                result = self._ledger.waiting(task_id, round_no)
+                if result is not None:
+                    now = self.clock()
+                    self._retry_at = max(self._retry_at or now, now + RETRY_DELAYS[code])
+                    self._ledger.hold(result)
+                return True
+            if code in FINAL_REFUSALS:
+                result = self._ledger.refuse(task_id, round_no)
+                if result is not None:
+                    self._outbox.discard(result)
+                    log.warning("task %s: the server refused its result (%s); forgetting it", task_id, code)
+                return True
+        return False
+
+    def _on_error(self, code: str, text: str, message: Mapping[str, Any] | None = None) -> None:
         log.warning("server error %s: %s", code or "?", text)
         with self._lock:
             registering = not self._outbox.registered
+        about = message or {}
+        task_id = as_int(about.get("task_id"))
         if registering:
             self._on_register_error(code, text)
+        elif about.get("in_reply_to") == "task_result" and task_id is not None:
+            if self._on_result_error(code, task_id, as_int(about.get("round"))):
+                self._maybe_request()
         elif code == "superseded":
             raise Reconnect("superseded by another connection")
         elif code in RETRY_DELAYS:

@@ -214,6 +214,25 @@ def find_open(s: Session, client_id: str, task_id: int, round_no: int | None) ->
     raise NotAssigned(task_id)
 
 
+def reported(
+    s: Session, client_id: str, task_id: int, round_no: int | None, status: str
+) -> TaskAssignment | None:
+    """The assignment a repeated ``task_result`` refers to, when that result was recorded already.
+
+    That is the client's latest assignment of the task (and round) when it ended with the
+    reported ``status`` (``completed`` or ``failed``); None otherwise. A client that missed the
+    acknowledgement of its result sends it again, and is acknowledged again."""
+    query = select(TaskAssignment).where(
+        TaskAssignment.client_id == client_id, TaskAssignment.task_id == task_id
+    )
+    if round_no is not None:
+        query = query.where(TaskAssignment.round == round_no)
+    latest = s.execute(query.order_by(TaskAssignment.id.desc()).limit(1)).scalar_one_or_none()
+    if latest is None or status not in (AssignmentState.COMPLETED, AssignmentState.FAILED):
+        return None
+    return latest if latest.status == status else None
+
+
 def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[str, Any]) -> TaskShard:
     """First valid result wins: a timed-out assignment's result, when its shard is still
     unsettled, completes the shard; the reissued copy (if any) is released and told to stop."""

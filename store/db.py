@@ -2,6 +2,12 @@
 
 One :class:`Database` per process (:func:`get_db`). Workers dispose the inherited pool after
 fork; the web tier and workers open short transactions with :meth:`Database.session`.
+
+On MySQL, at most ``pool_size`` transactions of one process run at once: the others wait
+their turn (in FIFO order, up to :data:`QUEUE_TIMEOUT` seconds) instead of failing. A web
+process with thousands of sockets would otherwise empty the pool in a burst, and
+SQLAlchemy's ``pool_timeout`` would report a healthy database unavailable. Under gevent the
+wait is a greenlet's (``threading`` is patched), not the process's.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +31,8 @@ from store.models import Base
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+QUEUE_TIMEOUT = 60.0  # seconds a transaction waits for its turn (see the module's docstring)
 
 
 class Unavailable(RuntimeError):
@@ -86,9 +95,68 @@ def is_lost_connection(error: BaseException) -> bool:
     return isinstance(error, exc.DBAPIError) and error.connection_invalidated
 
 
+class Busy(Unavailable):
+    """Every pooled connection stayed busy for ``QUEUE_TIMEOUT`` seconds; nothing was changed."""
+
+
+class _Turns:
+    """At most ``size`` holders at once; the others wait in arrival order (FIFO, unlike a
+    ``threading.Semaphore``, so a burst of thousands is served first come, first served).
+    Re-entrant per thread (per greenlet under gevent): a transaction opened inside another
+    one of the same thread does not wait for itself."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._waiting: deque[threading.Event] = deque()
+        self._mine = threading.local()
+        self.waited = 0  # transactions that had to wait (for logs and the load benchmark)
+
+    @contextmanager
+    def turn(self, timeout: float) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
+        if depth == 0:
+            self._acquire(timeout)
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            if depth == 0:
+                self._release()
+
+    def _acquire(self, timeout: float) -> None:
+        with self._lock:
+            if self._busy < self.size and not self._waiting:
+                self._busy += 1
+                return
+            ready = threading.Event()
+            self._waiting.append(ready)
+            self.waited += 1
+        if ready.wait(timeout):
+            return  # the releasing holder handed its turn over (busy stays counted)
+        with self._lock:
+            if ready.is_set():  # handed over just as the wait ended
+                return
+            self._waiting.remove(ready)
+        raise Busy(f"no database connection free for {timeout:.0f}s")
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # the turn passes on; busy is unchanged
+            else:
+                self._busy -= 1
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 20, timeout: int = 10) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 20, timeout: int = 10, queue_timeout: float = QUEUE_TIMEOUT
+    ) -> None:
         self.url = url
+        self.queue_timeout = queue_timeout
+        self.turns: _Turns | None = None
         self.is_sqlite = url.startswith("sqlite")
         self.is_mysql = url.startswith("mysql")
         kwargs: dict[str, Any] = {"future": True}
@@ -117,6 +185,8 @@ class Database:
                 pool_timeout=5,
                 connect_args=connect_args,
             )
+            # The overflow is left to what uses the engine directly (health pings, tests' reads).
+            self.turns = _Turns(pool_size)
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -130,6 +200,15 @@ class Database:
         says whether the connection, open when the transaction began, broke before the
         COMMIT (not while connecting, not during the COMMIT, whose outcome is unknown).
         """
+        if self.turns is None:
+            with self._session() as s:
+                yield s
+        else:
+            with self.turns.turn(self.queue_timeout), self._session() as s:
+                yield s
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
         s = self._sessions()
         stage = "connect"
         try:

@@ -60,8 +60,9 @@ class FakeSocket:
         self.closed = True
 
 
-def unknown_task_farm(known: dict[str, str]) -> Reply:
-    """Registers clients and answers a request with a task of a type the client does not run."""
+def unknown_task_farm(known: dict[str, str], *, acknowledge: bool = True) -> Reply:
+    """Registers clients, answers a request with a task of a type the client does not run, and
+    acknowledges results (unless ``acknowledge`` is false: the acknowledgement is lost)."""
 
     def reply(message: dict[str, Any]) -> list[dict[str, Any]]:
         if message["type"] == "register":
@@ -74,6 +75,9 @@ def unknown_task_farm(known: dict[str, str]) -> Reply:
             return [{"type": "registered", "client_id": "c-new", "token": "t-new"}]
         if message["type"] == "task_request":
             return [{"type": "task", "data": {"id": 4, "type": "mystery", "round": 0, "rank": 0}}]
+        if message["type"] == "task_result" and acknowledge:
+            ack = {"type": "result_accepted", "task_id": message["task_id"], "round": message.get("round")}
+            return [{**ack, "rank": 0, "assignment_id": 1, "status": message["status"], "duplicate": False}]
         return []
 
     return reply
@@ -177,6 +181,26 @@ def test_result_sent_then_done_without_reconnecting() -> None:
     assert [m["type"] for m in sockets[0].sent] == ["register", "task_request", "task_result"]
     assert len(sockets) == 1
     assert sleeps == []
+
+
+def test_a_result_whose_acknowledgement_was_lost_is_sent_again_after_reconnecting() -> None:
+    known = {"c-1": "t-1"}
+    sockets: list[FakeSocket] = []
+
+    def connect(url: str, **options: Any) -> FakeSocket:
+        # The first socket closes right after the result, its acknowledgement lost with it.
+        first = not sockets
+        sock = FakeSocket(unknown_task_farm(known, acknowledge=not first), close_after=3 if first else None)
+        sockets.append(sock)
+        return sock
+
+    sleeps: list[float] = []
+    session = make_session(Identity("c-1", "t-1"), [], max_tasks=1)
+    Connection("https://farm.test", session, connect=connect, sleep=sleeps.append, clock=Clock()).run()
+    assert [m["type"] for m in sockets[0].sent] == ["register", "task_request", "task_result"]
+    assert [m["type"] for m in sockets[1].sent] == ["register", "task_result"]
+    assert sockets[1].sent[1] == sockets[0].sent[2]
+    assert len(sockets) == 2 and session.done
 
 
 def test_fatal_register_error_stops_the_loop() -> None:

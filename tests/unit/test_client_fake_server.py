@@ -228,6 +228,8 @@ class FakeFarm:
                         self.violations.append(f"completed before upload: {message}")
                     held.remove(data)
                     self.results.append(message)
+                ack = {"type": "result_accepted", "task_id": data["id"], "round": data["round"]}
+                send({**ack, "rank": data["rank"], "assignment_id": 1, "status": message["status"]})
 
 
 @pytest.fixture

@@ -34,7 +34,9 @@ def test_without_max_tasks_there_is_no_limit_and_no_quota() -> None:
         ledger.mark_sent(message, now=10.0)
 
     assert not ledger.limit_reached()
-    assert not ledger.quota_sent()
+    for task_id in range(5):
+        ledger.acknowledge(task_id, 0, 0)
+    assert not ledger.quota_acknowledged()
 
 
 def test_only_the_latest_results_are_remembered() -> None:
@@ -46,17 +48,77 @@ def test_only_the_latest_results_are_remembered() -> None:
     assert ledger.finished((2, 0, 0)) is not None and ledger.finished((3, 0, 0)) is not None
 
 
-def test_the_quota_counts_results_sent_once_each() -> None:
+def test_the_quota_counts_results_acknowledged_once_each() -> None:
     ledger = ResultLedger(max_tasks=2)
     first, second = result(1), result(2)
     ledger.record(first, (1, 0, 0))
     ledger.record(second, (2, 0, 0))
-
     ledger.mark_sent(first, now=10.0)
-    ledger.mark_sent(first, now=11.0)  # sent again after a reconnect: still one result
-    assert not ledger.quota_sent()
-    ledger.mark_sent(second, now=12.0)
-    assert ledger.quota_sent()
+    ledger.mark_sent(second, now=11.0)
+    assert not ledger.quota_acknowledged()  # sent is not enough
+
+    assert ledger.acknowledge(1, 0, 0) is first
+    assert ledger.acknowledge(1, 0, 0) is None  # acknowledged again (a resend): still one result
+    assert not ledger.quota_acknowledged()
+    assert ledger.acknowledge(2, 0, 0) is second
+    assert ledger.quota_acknowledged()
+    assert ledger.unacknowledged() == []
+
+
+def test_a_result_waits_for_its_acknowledgement_across_connections() -> None:
+    ledger = ResultLedger()
+    ledger.new_connection()
+    done, other = result(7), result(8)
+    ledger.record(done, (7, 0, 1))
+    ledger.record(other, (8, 0, 0))
+    ledger.mark_sent(done, now=10.0)
+    ledger.mark_sent(other, now=10.0)
+    ledger.acknowledge(8, 0, 0)
+
+    ledger.new_connection()  # the socket dropped before 7's acknowledgement came
+
+    assert ledger.unacknowledged() == [done]
+    assert ledger.waiting(7, 0) is done
+    assert ledger.waiting(7, 0, rank=2) is None  # another shard of the same task
+    assert ledger.acknowledge(7, 0, 1) is done
+    assert ledger.unacknowledged() == []
+
+
+def test_a_result_refused_for_good_is_forgotten_and_not_counted() -> None:
+    ledger = ResultLedger(max_tasks=1)
+    done = result(7)
+    ledger.record(done, (7, 0, 1))
+    ledger.mark_sent(done, now=10.0)
+    assert ledger.limit_reached()
+
+    assert ledger.refuse(7, 0) is done
+
+    assert ledger.unacknowledged() == []
+    assert not ledger.limit_reached()  # it may take another task
+    assert not ledger.quota_acknowledged()
+    assert ledger.refuse(7, 0) is None
+
+
+def test_a_result_refused_for_now_is_due_again_and_an_acknowledgement_cancels_it() -> None:
+    ledger = ResultLedger()
+    done = result(7)
+    ledger.record(done, (7, 0, 1))
+    ledger.mark_sent(done, now=10.0)
+
+    ledger.hold(done)
+    ledger.hold(done)  # once only
+    assert ledger.resends_waiting()
+    ledger.acknowledge(7, 0, 1)  # the first send counted after all
+
+    assert ledger.take_resends() == []
+
+
+def test_a_result_of_a_task_of_one_round_matches_the_round_the_server_names() -> None:
+    ledger = ResultLedger()
+    done = {"type": "task_result", "task_id": 7, "status": "completed"}
+    ledger.record(done, (7, None, None))
+
+    assert ledger.acknowledge(7, 0, 0) is done
 
 
 def test_a_result_is_known_as_sent_on_the_connection_it_went_out_on() -> None:

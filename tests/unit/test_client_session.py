@@ -248,7 +248,22 @@ def test_duplicate_task_while_running_is_ignored() -> None:
     assert len(h.calls) == 1
 
 
-def test_duplicate_of_a_finished_task_resends_its_result_on_a_new_connection_only() -> None:
+def accepted(
+    task_id: int = 7, round_no: int = 3, rank: int = 1, *, duplicate: bool = False
+) -> dict[str, Any]:
+    """The server's acknowledgement of a result (docs/protocol.md)."""
+    return {
+        "type": "result_accepted",
+        "task_id": task_id,
+        "round": round_no,
+        "rank": rank,
+        "assignment_id": 42,
+        "status": "completed",
+        "duplicate": duplicate,
+    }
+
+
+def test_an_unacknowledged_result_goes_out_again_on_the_next_connection_once() -> None:
     h = Harness()
     h.connect()
     h.flush()
@@ -256,12 +271,63 @@ def test_duplicate_of_a_finished_task_resends_its_result_on_a_new_connection_onl
     first = [m for m in h.flush() if m["type"] == "task_result"]
     h.session.handle(task())  # the offer crossed the result on the same socket
     assert h.flush() == []
-    h.session.on_disconnected()
-    h.connect()  # the server offers its open assignment again: the result may have been lost
+    h.session.on_disconnected()  # before the acknowledgement came
+    h.connect()
+    assert [m for m in h.flush() if m["type"] == "task_result"] == first
+    h.session.handle(task())  # the server offers its open assignment again: already sent
+    assert [m for m in h.flush() if m["type"] == "task_result"] == []
+    assert len(h.calls) == 1
+
+
+def test_an_acknowledged_result_is_not_sent_again() -> None:
+    h = Harness()
+    h.connect()
     h.flush()
     h.session.handle(task())
+    assert [m["type"] for m in h.flush()] == ["task_progress", "task_result", "task_request"]
+    h.session.handle(accepted())
+    h.session.on_disconnected()
+    h.connect()
+    assert h.types() == ["task_request"]
+    h.session.handle(accepted(duplicate=True))  # a late repeat changes nothing
+    assert h.flush() == []
+
+
+@pytest.mark.parametrize("code", ["not_assigned", "superseded", "timed_out", "unknown_task"])
+def test_a_result_refused_for_good_is_forgotten_and_more_work_is_asked_for(code: str) -> None:
+    h = Harness(max_tasks=1)
+    h.connect()
+    h.flush()
+    h.session.handle(task())
+    assert h.types() == ["task_progress", "task_result"]  # max_tasks made: no request
+
+    refusal = {"type": "error", "code": code, "message": "no", "in_reply_to": "task_result"}
+    h.session.handle({**refusal, "task_id": 7, "round": 3})
+
+    assert h.types() == ["task_request"]  # it does not count: room for another task
+    assert not h.session.done
+    h.session.on_disconnected()
+    h.connect()
+    assert "task_result" not in h.types()
+
+
+def test_a_result_refused_for_now_is_sent_again_after_the_pause() -> None:
+    h = Harness()
+    h.connect()
+    h.flush()
+    h.session.handle(task())
+    first = [m for m in h.flush() if m["type"] == "task_result"]
+    busy = {"type": "error", "code": "unavailable", "message": "busy", "in_reply_to": "task_result"}
+    h.session.handle({**busy, "task_id": 7, "round": 3})
+    h.session.tick()
+    assert h.flush() == []  # not before the pause is over
+    h.now += 10.0
+    h.session.tick()
     assert [m for m in h.flush() if m["type"] == "task_result"] == first
-    assert len(h.calls) == 1
+    h.session.handle(accepted())
+    h.now += 10.0
+    h.session.tick()
+    assert [m for m in h.flush() if m["type"] == "task_result"] == []
 
 
 def test_a_task_offered_again_after_a_failed_try_runs_again() -> None:
@@ -507,7 +573,7 @@ def test_unavailable_resends_recent_results_and_the_request_later() -> None:
     assert again[0] == first[1]
 
 
-def test_max_tasks_stops_asking_and_reports_done() -> None:
+def test_max_tasks_stops_asking_and_reports_done_once_the_results_are_acknowledged() -> None:
     h = Harness(max_tasks=2)
     h.connect()
     assert h.types() == ["task_request"]
@@ -517,6 +583,10 @@ def test_max_tasks_stops_asking_and_reports_done() -> None:
     h.session.handle(task(round_no=1))
     assert not h.session.done  # the result is not sent yet
     assert h.types() == ["task_progress", "task_result"]
+    assert not h.session.done  # sent, not acknowledged
+    h.session.handle(accepted(round_no=0))
+    assert not h.session.done
+    h.session.handle(accepted(round_no=1))
     assert h.session.done
 
 
@@ -526,6 +596,7 @@ def test_failed_results_count_towards_max_tasks() -> None:
     h.flush()
     h.session.handle(task(kind="unknown"))
     assert h.types() == ["task_result"]
+    h.session.handle({**accepted(), "status": "failed"})
     assert h.session.done
 
 
