@@ -1,0 +1,645 @@
+"""Load benchmark: many real WebSocket clients against the production topology, in one run.
+
+    .venv/bin/python bench/load.py [--clients 1000] [--drivers 2] [--web-workers 1]
+                                   [--progress-seconds 10] [--progress-rate 20000] [--no-reference]
+
+Starts, on this machine: gunicorn (gevent workers, ``WEB_CONCURRENCY``), a Celery worker
+(prefork), on MariaDB (its own database ``aifarm_load``) and Redis (db 12). The clients are
+asyncio ``websockets`` connections, spread over ``--drivers`` processes. Phases:
+
+1. connect and register every client                  -> connections held, web RSS per connection
+2. N shards queued; every client sends task_request at once -> request->task p50/p99, assignments/s
+3. every client sends task_progress for a while         -> progress messages/s ingested by the web
+   tier (its own counter, aifarm_ws_messages_total), and the latest progress is in MySQL
+4. every client sends its task_result and waits for result_accepted -> every result recorded once
+5. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
+   trip), a MariaDB SKIP LOCKED claim loop (one connection), and a bare flask-sock echo under
+   gunicorn's gevent worker (idle memory per socket, echo messages/s with 100 sockets).
+
+Checks while measuring: no shard is assigned twice, every result is acknowledged and recorded.
+Prints a markdown table and writes bench/out/load.json. The drivers share the machine's cores
+with the server: on a small machine the figures are a lower bound (and noisy when the CPU is
+shared). ``run_load`` is also what tests/services/test_load_smoke.py runs, with 100 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import sys
+import textwrap
+import time
+import urllib.request
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pymysql
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from launch import Proc, free_port, request, start_gunicorn, start_worker, wait_for  # noqa: E402
+from store import schema  # noqa: E402
+from training.version import PROTOCOL_VERSION, VERSION  # noqa: E402
+
+DB = "aifarm_load"
+REDIS = "redis://127.0.0.1:6379/12"
+ADMIN = "load-admin"
+HARDWARE = {"cpu_info": {"cores": 4}, "ram_info": {"total_gb": 16}, "gpu_info": []}
+SHARDS_PER_TASK = 100
+PHASE_TIMEOUT = 120.0  # seconds any one phase may take before it is reported as failed
+
+
+def raise_open_files() -> int:
+    """Raise this process's open-files limit to its hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- the drivers: asyncio clients in child processes ---
+
+
+class Driver:
+    """Clients of one driver process; commands come through a pipe, answers go back."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.count = count
+        self.socks: list[ClientConnection] = []
+        self.tasks: list[dict[str, Any]] = []
+
+    async def _call(self, ws: ClientConnection, message: dict[str, Any], want: str) -> dict[str, Any]:
+        await ws.send(json.dumps(message))
+        return await self._until(ws, want)
+
+    async def _until(self, ws: ClientConnection, want: str) -> dict[str, Any]:
+        while True:
+            reply = json.loads(await ws.recv())
+            if reply["type"] in (want, "error"):
+                return dict(reply)
+
+    async def register(self) -> dict[str, Any]:
+        gate = asyncio.Semaphore(200)
+        errors: list[str] = []
+
+        async def one() -> None:
+            async with gate:
+                try:
+                    ws = await connect(self.url, open_timeout=60, ping_interval=None, max_size=2**20)
+                    reply = await self._call(
+                        ws,
+                        {
+                            "type": "register",
+                            **HARDWARE,
+                            "protocol_version": PROTOCOL_VERSION,
+                            "client_version": VERSION,
+                            "task_types": ["echo"],
+                        },
+                        "registered",
+                    )
+                except Exception as error:
+                    errors.append(type(error).__name__)
+                    return
+                if reply["type"] == "registered":
+                    self.socks.append(ws)
+                else:
+                    errors.append(reply.get("code", "?"))
+                    await ws.close()
+
+        await asyncio.gather(*(one() for _ in range(self.count)))
+        return {"registered": len(self.socks), "errors": errors}
+
+    async def burst(self, start_at: float) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        latencies: list[float] = []
+        firsts: list[float] = []
+        lasts: list[float] = []
+        errors: list[str] = []
+        self.tasks = [{} for _ in self.socks]
+
+        async def one(i: int, ws: ClientConnection) -> None:
+            sent = time.time()
+            firsts.append(sent)
+            try:
+                reply = await asyncio.wait_for(
+                    self._call(ws, {"type": "task_request"}, "task"), PHASE_TIMEOUT
+                )
+            except Exception as error:
+                errors.append(type(error).__name__)
+                return
+            if reply["type"] == "error":
+                errors.append(reply.get("code", "?"))
+                return
+            got = time.time()
+            lasts.append(got)
+            latencies.append(got - sent)
+            self.tasks[i] = reply["data"]
+
+        await asyncio.gather(*(one(i, ws) for i, ws in enumerate(self.socks)))
+        shards = [(t["id"], t["round"], t["rank"]) for t in self.tasks if t]
+        return {"latencies": latencies, "first": min(firsts, default=0), "last": max(lasts, default=0),
+                "errors": errors, "shards": shards}  # fmt: skip
+
+    async def progress(self, seconds: float, period: float) -> dict[str, Any]:
+        sent = 0
+        end = time.time() + seconds
+
+        async def one(ws: ClientConnection, task: dict[str, Any]) -> None:
+            nonlocal sent
+            step = 0
+            while time.time() < end:
+                step += 1
+                body = {"type": "task_progress", "task_id": task["id"], "round": task["round"],
+                        "progress": min(99.0, step / 10), "metrics": {"loss": 1.0 / step}}  # fmt: skip
+                await ws.send(json.dumps(body))
+                sent += 1
+                await asyncio.sleep(period)
+
+        await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
+        return {"sent": sent}
+
+    async def results(self) -> dict[str, Any]:
+        acks: list[dict[str, Any]] = []
+        errors: list[str] = []
+        latencies: list[float] = []
+
+        async def one(ws: ClientConnection, task: dict[str, Any]) -> None:
+            body = {"type": "task_result", "task_id": task["id"], "round": task["round"],
+                    "status": "completed", "metrics": {"score": 1.0}}  # fmt: skip
+            sent = time.time()
+            try:
+                await ws.send(json.dumps(body))
+                while True:  # errors about earlier progress may come first: only this result's answer counts
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), PHASE_TIMEOUT))
+                    if reply["type"] == "result_accepted":
+                        acks.append(reply)
+                        latencies.append(time.time() - sent)
+                        return
+                    if reply["type"] == "error" and reply.get("in_reply_to") == "task_result":
+                        errors.append(reply.get("code", "?"))
+                        return
+            except Exception as error:
+                errors.append(type(error).__name__)
+
+        await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
+        return {"acks": acks, "errors": errors, "latencies": latencies}
+
+    async def close(self) -> dict[str, Any]:
+        await asyncio.gather(*(ws.close() for ws in self.socks), return_exceptions=True)
+        return {}
+
+    async def serve(self, pipe: Pipe) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            command, args = await loop.run_in_executor(None, pipe.recv)
+            if command == "exit":
+                return
+            pipe.send(await getattr(self, command)(*args))
+
+
+def driver_main(pipe: Pipe, port: int, count: int) -> None:
+    raise_open_files()
+    asyncio.run(Driver(port, count).serve(pipe))
+
+
+class Drivers:
+    """``n`` driver processes sharing ``clients`` between them."""
+
+    def __init__(self, port: int, clients: int, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")  # the children need nothing re-imported
+        self.pipes: list[Pipe] = []
+        self.procs = []
+        for i in range(n):
+            share = clients // n + (1 if i < clients % n else 0)
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=driver_main, args=(theirs, port, share), daemon=True)
+            proc.start()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+
+    def all(self, command: str, *args: Any) -> list[dict[str, Any]]:
+        for pipe in self.pipes:
+            pipe.send((command, args))
+        return [pipe.recv() for pipe in self.pipes]
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("exit", ()))
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+# --- the server side ---
+
+
+def reset_database(database: str, redis_url: str) -> str:
+    conn = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {database}")
+        cur.execute(f"CREATE DATABASE {database} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+        cur.execute(f"USE {database}")
+        for statement in schema.statements():
+            cur.execute(statement)
+    conn.close()
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    return f"mysql+pymysql://root@127.0.0.1:3306/{database}"
+
+
+def stack_env(
+    database_url: str, redis_url: str, clients: int, web_workers: int, run_dir: Path
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "ADMIN_TOKEN": ADMIN,
+        "MAX_CLIENTS": str(clients + 1000),
+        "WORKER_CONNECTIONS": str(clients + 1000),
+        "WS_MESSAGES_PER_MINUTE": "1000000",
+        "RATE_LIMIT": "1000000/minute",
+        "LOG_DIR": str(run_dir / "logs"),
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+        "CHECKPOINT_DIR": str(run_dir / "ck"),
+        "DATA_DIR": str(run_dir / "data"),
+        "SWEEP_INTERVAL": "3600",
+        "SCHEDULE_INTERVAL": "3600",
+        "WEB_CONCURRENCY": str(web_workers),
+    }
+
+
+def web_rss(proc: Proc) -> int:
+    """Resident memory of gunicorn's worker processes (not the master), bytes."""
+    master = psutil.Process(proc.popen.pid)
+    return sum(child.memory_info().rss for child in master.children(recursive=True))
+
+
+def counter(port: int, name: str, token: str, **labels: str) -> float:
+    status, body = request(port, "GET", "/metrics", token=token)
+    assert status == 200, body
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
+
+
+def sql(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    database = database_url.rsplit("/", 1)[1]
+    conn = pymysql.connect(host="127.0.0.1", user="root", database=database, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        found = [tuple(r) for r in cur.fetchall()]
+    conn.close()
+    return found
+
+
+def queue_shards(port: int, count: int, token: str, database_url: str) -> None:
+    for start in range(0, count, SHARDS_PER_TASK):
+        config = {"num_shards": min(SHARDS_PER_TASK, count - start)}
+        status, body = request(port, "POST", "/api/tasks", {"type": "echo", "config": config}, token=token)
+        assert status == 201, body
+    wait_for(
+        lambda: sql(database_url, "SELECT COUNT(*) FROM task_shards WHERE status = 'queued'")[0][0] >= count,
+        PHASE_TIMEOUT,
+        0.2,
+        f"{count} queued shards",
+    )
+
+
+def run_load(
+    port: int,
+    web: Proc | None,
+    database_url: str,
+    *,
+    clients: int,
+    drivers: int = 2,
+    progress_seconds: float = 10.0,
+    progress_rate: float = 20000.0,
+    token: str = ADMIN,
+) -> dict[str, Any]:
+    """Drive ``clients`` clients against a running stack; returns the figures and the checks."""
+    out: dict[str, Any] = {"clients": clients, "drivers": drivers}
+    rss0 = web_rss(web) if web is not None else 0
+    group = Drivers(port, clients, drivers)
+    try:
+        # 1. connections
+        t0 = time.perf_counter()
+        reg = group.all("register")
+        out["register_s"] = time.perf_counter() - t0
+        out["registered"] = sum(r["registered"] for r in reg)
+        out["register_errors"] = [e for r in reg for e in r["errors"]]
+        if web is not None:
+            time.sleep(1.0)
+            rss1 = web_rss(web)
+            out["web_rss_before_mb"] = rss0 / 2**20
+            out["web_rss_connected_mb"] = rss1 / 2**20
+            out["web_kb_per_connection"] = (rss1 - rss0) / max(1, out["registered"]) / 1024
+        # 2. burst of requests
+        queue_shards(port, out["registered"], token, database_url)
+        burst = group.all("burst", time.time() + 0.5)
+        latencies = [x for b in burst for x in b["latencies"]]
+        first = min(b["first"] for b in burst)
+        last = max(b["last"] for b in burst)
+        shards = [tuple(s) for b in burst for s in b["shards"]]
+        out["assigned"] = len(latencies)
+        out["burst_errors"] = [e for b in burst for e in b["errors"]]
+        out["burst_p50_ms"] = pct(latencies, 0.5) * 1000
+        out["burst_p99_ms"] = pct(latencies, 0.99) * 1000
+        out["assignments_per_s"] = len(latencies) / max(1e-9, last - first)
+        out["shards_given_twice"] = len(shards) - len(set(shards))
+        # 3. progress
+        if progress_seconds > 0:
+            before = counter(port, "aifarm_ws_messages_total", token, direction="in", type="task_progress")
+            period = max(0.01, out["assigned"] / progress_rate)
+            t0 = time.perf_counter()
+            sent = sum(r["sent"] for r in group.all("progress", progress_seconds, period))
+            # what was sent and not yet handled is still counted: wait for the counter to settle
+            seen = [before]
+
+            def settled() -> bool:
+                seen.append(
+                    counter(port, "aifarm_ws_messages_total", token, direction="in", type="task_progress")
+                )
+                return seen[-1] - before >= sent or (len(seen) > 3 and seen[-1] == seen[-2])
+
+            wait_for(settled, PHASE_TIMEOUT, 0.5, "progress handled")
+            elapsed = time.perf_counter() - t0
+            out["progress_sent"] = sent
+            out["progress_ingested"] = seen[-1] - before
+            out["progress_per_s"] = (seen[-1] - before) / elapsed
+            out["progress_offered_per_s"] = sent / progress_seconds
+        # 4. results
+        t0 = time.perf_counter()
+        res = group.all("results")
+        out["results_s"] = time.perf_counter() - t0
+        acks = [a for r in res for a in r["acks"]]
+        out["results_acknowledged"] = len(acks)
+        out["result_errors"] = [e for r in res for e in r["errors"]]
+        ack_latencies = [x for r in res for x in r["latencies"]]
+        out["result_ack_p50_ms"] = pct(ack_latencies, 0.5) * 1000
+        out["result_ack_p99_ms"] = pct(ack_latencies, 0.99) * 1000
+        group.all("close")
+    finally:
+        group.stop()
+    # the checks, from MySQL
+    out["results_recorded"] = sql(
+        database_url, "SELECT COUNT(*) FROM task_assignments WHERE status = 'completed'"
+    )[0][0]
+    out["shards_held_twice"] = sql(
+        database_url,
+        "SELECT COUNT(*) FROM (SELECT shard_id FROM task_assignments WHERE status <> 'released' "
+        "GROUP BY shard_id HAVING COUNT(*) > 1) twice",
+    )[0][0]
+    out["unavailable_errors"] = counter(port, "aifarm_ws_errors_total", token, code="unavailable")
+    return out
+
+
+# --- references, on the same machine ---
+
+
+def reference_celery(redis_url: str, n: int = 2000) -> dict[str, Any]:
+    """A no-op task through the same broker and worker: enqueue rate, completion rate, round trip."""
+    from celery import Celery
+
+    probe = Celery("load", broker=redis_url, backend=redis_url)
+    probe.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    probe.send_task("workers.tasks.ping").get(timeout=30)  # warm
+    t0 = time.perf_counter()
+    pending = [probe.send_task("workers.tasks.ping") for _ in range(n)]
+    enqueued = time.perf_counter() - t0
+    for p in pending:
+        p.get(timeout=120)
+    done = time.perf_counter() - t0
+    rtt = []
+    for _ in range(200):
+        sent = time.perf_counter()
+        probe.send_task("workers.tasks.ping").get(timeout=30)
+        rtt.append(time.perf_counter() - sent)
+    probe.close()
+    return {"celery_enqueue_per_s": n / enqueued, "celery_noop_per_s": n / done,
+            "celery_rtt_p50_ms": pct(rtt, 0.5) * 1000}  # fmt: skip
+
+
+def reference_claim(database_url: str, rows: int = 100_000, claims: int = 3000) -> dict[str, Any]:
+    """``SELECT ... FOR UPDATE SKIP LOCKED`` + ``UPDATE`` + ``COMMIT`` on the real index, one connection."""
+    database = database_url.rsplit("/", 1)[1]
+    conn = pymysql.connect(host="127.0.0.1", user="root", database=database, autocommit=False)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        cur.execute(
+            "INSERT INTO tasks (type, requirements, status, created_at, updated_at, num_shards) "
+            "VALUES ('bare', '{}', 'running', NOW(), NOW(), 1)"
+        )
+        task_id = cur.lastrowid
+        for start in range(0, rows, 10_000):
+            values = ",".join(
+                f"({task_id}, 0, {i}, 'queued', {i % 7}, 'bare', NOW(6), NOW(6))"
+                for i in range(start, start + 10_000)
+            )
+            cur.execute(
+                "INSERT INTO task_shards (task_id, round, `rank`, status, priority, task_type, created_at, "
+                f"updated_at) VALUES {values}"
+            )
+        conn.commit()
+        cur.execute("ANALYZE TABLE task_shards")
+        cur.fetchall()
+        t0 = time.perf_counter()
+        for _ in range(claims):
+            cur.execute(
+                "SELECT id FROM task_shards WHERE status = 'queued' ORDER BY priority DESC, id "
+                "LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+            (shard_id,) = cur.fetchone()
+            cur.execute("UPDATE task_shards SET status = 'assigned' WHERE id = %s", (shard_id,))
+            conn.commit()
+        elapsed = time.perf_counter() - t0
+        cur.execute("DELETE FROM task_shards WHERE task_id = %s", (task_id,))
+        cur.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
+        conn.commit()
+    conn.close()
+    return {"claims_per_s": claims / elapsed}
+
+
+ECHO_APP = textwrap.dedent(
+    """
+    from flask import Flask
+    from flask_sock import Sock
+
+    app = Flask(__name__)
+    sock = Sock(app)
+
+    @sock.route("/echo")
+    def echo(ws):
+        while True:
+            ws.send(ws.receive())
+    """
+)
+
+
+async def _echo_figures(port: int, idle: int, proc: Proc) -> dict[str, Any]:
+    url = f"ws://127.0.0.1:{port}/echo"
+    rss0 = web_rss(proc)
+    gate = asyncio.Semaphore(200)
+
+    async def opened() -> ClientConnection:
+        async with gate:
+            return await connect(url, open_timeout=60, ping_interval=None)
+
+    socks = await asyncio.gather(*(opened() for _ in range(idle)))
+    await asyncio.sleep(1.0)
+    per_socket = (web_rss(proc) - rss0) / idle / 1024
+    count = 0
+    end = time.time() + 5.0
+
+    async def echo(ws: ClientConnection) -> None:
+        nonlocal count
+        while time.time() < end:
+            await ws.send("x" * 100)
+            await ws.recv()
+            count += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(echo(ws) for ws in socks[:100]))
+    rate = count / (time.perf_counter() - t0)
+    await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+    return {"echo_kb_per_socket": per_socket, "echo_messages_per_s": rate, "echo_idle_sockets": idle}
+
+
+def reference_echo(run_dir: Path, idle: int) -> dict[str, Any]:
+    """A bare flask-sock echo under gunicorn's gevent worker: idle memory per socket, echo rate."""
+    app_dir = run_dir / "echo"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "echo_app.py").write_text(ECHO_APP)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(app_dir)}
+    args = [sys.executable, "-m", "gunicorn", "echo_app:app", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+            "--worker-class", "gevent", "--worker-connections", str(idle + 1000)]  # fmt: skip
+    proc = Proc("echo", args, env, run_dir)
+    try:
+        wait_for(lambda: _port_open(port), 60, 0.2, "echo server")
+        return asyncio.run(_echo_figures(port, idle, proc))
+    finally:
+        proc.stop()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# --- the report ---
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        f"## Load, {r['clients']} WebSocket clients ({r['drivers']} driver processes), gunicorn gevent "
+        f"x{r['web_workers']}, Celery prefork x{r['celery_concurrency']}, MariaDB + Redis, "
+        f"{os.cpu_count()} cores (drivers on the same cores)",
+        "",
+        "| measure | value | goal / reference |",
+        "|---|---|---|",
+        f"| connections held (registered) | {r['registered']} of {r['clients']} | 10,000 per web process |",
+        f"| web process RSS before / connected | {r.get('web_rss_before_mb', 0):.0f} MB / "
+        f"{r.get('web_rss_connected_mb', 0):.0f} MB | |",
+        f"| web memory per connection | {r.get('web_kb_per_connection', 0):.0f} KB | < 60 KB; bare flask-sock "
+        f"{r.get('echo_kb_per_socket', float('nan')):.0f} KB |",
+        f"| task_request -> task, burst of {r['assigned']}: p50 / p99 | {r['burst_p50_ms']:.0f} ms / "
+        f"{r['burst_p99_ms']:.0f} ms | p99 < 50 ms (steady) |",
+        f"| assignments/s (burst) | {r['assignments_per_s']:.0f} | 1,000; bare claim loop "
+        f"{r.get('claims_per_s', float('nan')):.0f}/s |",
+        f"| progress ingested/s (offered {r.get('progress_offered_per_s', 0):.0f}/s) | "
+        f"{r.get('progress_per_s', 0):.0f} | 10,000; bare echo {r.get('echo_messages_per_s', float('nan')):.0f} msg/s |",
+        f"| task_result -> result_accepted p50 / p99 | {r['result_ack_p50_ms']:.0f} ms / "
+        f"{r['result_ack_p99_ms']:.0f} ms | |",
+        f"| reference: Celery no-op enqueue / completion / round trip p50 | "
+        f"{r.get('celery_enqueue_per_s', float('nan')):.0f}/s / {r.get('celery_noop_per_s', float('nan')):.0f}/s / "
+        f"{r.get('celery_rtt_p50_ms', float('nan')):.1f} ms | |",
+        "",
+        f"checks: shards given twice {r['shards_given_twice']}, held twice {r['shards_held_twice']}; "
+        f"results acknowledged {r['results_acknowledged']}, recorded {r['results_recorded']} of {r['assigned']}; "
+        f"errors: register {len(r['register_errors'])}, burst {len(r['burst_errors'])}, "
+        f"results {sorted(set(r['result_errors']))} x{len(r['result_errors'])}; "
+        f"'unavailable' answered {r['unavailable_errors']:.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--drivers", type=int, default=2, help="client processes")
+    parser.add_argument("--web-workers", type=int, default=1)
+    parser.add_argument("--celery-concurrency", type=int, default=2)
+    parser.add_argument("--progress-seconds", type=float, default=10.0)
+    parser.add_argument("--progress-rate", type=float, default=20000.0, help="progress messages/s offered")
+    parser.add_argument("--database", default=DB)
+    parser.add_argument("--redis", default=REDIS)
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference figures")
+    args = parser.parse_args()
+    limit = raise_open_files()
+    if limit < args.clients * 2 + 1000:
+        print(f"open-files limit {limit} is low for {args.clients} clients (each is two sockets here)")
+    run_dir = ROOT / "bench" / "out" / "load-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    database_url = reset_database(args.database, args.redis)
+    env = stack_env(database_url, args.redis, args.clients, args.web_workers, run_dir)
+    worker = start_worker(env, run_dir, name="load-worker", concurrency=args.celery_concurrency)
+    port = free_port()
+    web = start_gunicorn(env, port, run_dir, workers=args.web_workers)
+    try:
+        results = run_load(port, web, database_url, clients=args.clients, drivers=args.drivers,
+                           progress_seconds=args.progress_seconds, progress_rate=args.progress_rate)  # fmt: skip
+        if not args.no_reference:
+            results.update(reference_celery(args.redis))
+    finally:
+        web.stop()
+        worker.stop()
+    results.update(web_workers=args.web_workers, celery_concurrency=args.celery_concurrency)
+    if not args.no_reference:
+        results.update(reference_claim(database_url))
+        results.update(reference_echo(run_dir, idle=min(args.clients, 5000)))
+    out = ROOT / "bench" / "out" / "load.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print("\n" + report(results))
+    print(f"\nwritten: {out.relative_to(ROOT)}")
+    ok = results["shards_given_twice"] == 0 and results["results_recorded"] == results["assigned"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
