@@ -78,8 +78,11 @@ class SpecField(ValueError):
 
 
 def whole(value: Any) -> Any:
-    """As JSON Schema says, 3.0 is the integer 3."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    """As JSON Schema says, 3.0 is the integer 3 (one beyond 64 bits stays a float: refused as
+    one, it is shown as written, 1e+300, not with its 300 digits)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2.0**64:
+        return int(value)
+    return value
 
 
 Whole = BeforeValidator(whole)
@@ -139,7 +142,7 @@ _SPAN = re.compile(r" in ([\[(][^\])]*[\])]|-?\d+\.\.-?\d+)")
 _RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
-def _shown(value: Any, limit: int = 64) -> str:
+def shown(value: Any, limit: int = 64) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -205,8 +208,8 @@ def explain(
     if kind == "finite_number":
         return SpecField(f"{path} must be finite", path)
     if kind == "literal_error":
-        return SpecField(f"{path} must be {description}; got {_shown(value)}", path)
-    return SpecField(f"{path} must be {description}, got {_shown(value)}", path)
+        return SpecField(f"{path} must be {description}; got {shown(value)}", path)
+    return SpecField(f"{path} must be {description}, got {shown(value)}", path)
 
 
 # --- the parameters ---------------------------------------------------------------------------------
@@ -412,7 +415,7 @@ def _unknown(name: str, model: type[StrategyParams]) -> Callable[[list[str]], st
 
 
 def _got(value: Any, number: bool) -> str:
-    return f"{float(value):g}" if number and isinstance(value, (int, float)) else _shown(value)
+    return f"{float(value):g}" if number and isinstance(value, (int, float)) else shown(value)
 
 
 def _normalize(name: Any, params: Any, num_clients: int | None) -> dict[str, Any]:
@@ -427,7 +430,7 @@ def _normalize(name: Any, params: Any, num_clients: int | None) -> dict[str, Any
     mode = params.get("clip_mode", "fixed" if params.get("clip_norm") is not None else "none")
     if mode not in CLIP_MODES:
         raise SpecField(
-            f"strategy_params.clip_mode must be {CLIP_MODE_DESCRIPTION}; got {_shown(mode)}",
+            f"strategy_params.clip_mode must be {CLIP_MODE_DESCRIPTION}; got {shown(mode)}",
             "strategy_params.clip_mode",
         )
     if mode == "fixed" and params.get("clip_norm") is None:

@@ -41,6 +41,7 @@ from aggregation.spec import (
     normalize_strategy,
     not_null,
     number_field,
+    shown,
     strategy_params_defs,
     strategy_params_ref,
 )
@@ -226,7 +227,7 @@ def _strategy_params_by_strategy(schema: dict[str, Any]) -> None:
 
 
 def _got(value: Any, number: bool) -> str:
-    return repr(float(value)) if number and isinstance(value, (int, float)) else repr(value)
+    return repr(float(value)) if number and isinstance(value, (int, float)) else shown(value)
 
 
 def _explain(errors: list[Any]) -> SpecError:
