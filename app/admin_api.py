@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -39,12 +38,6 @@ from store.models import AdminToken, AuditEntry, utcnow
 bp = Blueprint("admin_api", __name__, url_prefix="/api")
 log = logging.getLogger("aifarm.audit")
 
-#: ``expires_in`` of a new token: at least a second, at most ten years.
-EXPIRES_IN_MAX = 10 * 365 * 24 * 3600
-LABEL_MAX = 255
-#: What a label may not hold (C0 and C1 control characters): it is shown in lists and logs.
-CONTROL_CHARS = "\u0000-\u001f\u007f-\u009f"
-CONTROL = re.compile(f"[{CONTROL_CHARS}]")
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 #: The audit action of the admin writes defined elsewhere (an unlisted one is logged under its
 #: endpoint name, so a new write route is audited before anyone names it here).
@@ -102,34 +95,11 @@ def list_tokens() -> Response:
     return jsonify({"items": [token_json(r) for r in rows]})
 
 
-def _new_token_fields(body: dict[str, Any]) -> tuple[str, int | None]:
-    unknown = sorted(set(body) - {"label", "expires_in"})
-    if unknown:
-        raise ApiError(400, f"unknown fields: {', '.join(unknown)} (allowed: label, expires_in)")
-    label = body.get("label", "api")
-    if not isinstance(label, str) or not 1 <= len(label) <= LABEL_MAX or CONTROL.search(label):
-        raise ApiError(400, f"label must be a string of 1..{LABEL_MAX} characters without control characters")
-    if label.startswith(PANEL_PREFIX):
-        raise ApiError(400, f"labels starting with {PANEL_PREFIX!r} are kept for panel sign-ins")
-    expires_in = body.get("expires_in")
-    if isinstance(expires_in, float) and expires_in.is_integer():
-        expires_in = int(expires_in)  # as JSON Schema says: 60.0 is the integer 60
-    if expires_in is not None and (
-        isinstance(expires_in, bool)
-        or not isinstance(expires_in, int)
-        or not 1 <= expires_in <= EXPIRES_IN_MAX
-    ):
-        raise ApiError(
-            400, f"expires_in must be an integer number of seconds in 1..{EXPIRES_IN_MAX}, or null"
-        )
-    return label, expires_in
-
-
 @bp.post("/tokens")
 @admin_required
 def create_token() -> tuple[Response, int]:
-    body = validation.json_object() if request.get_data() else {}
-    label, expires_in = _new_token_fields(body)
+    fields = validation.check(validation.NewToken, validation.json_object() if request.get_data() else {})
+    label, expires_in = fields.get("label", "api"), fields.get("expires_in")
 
     def create(s: Session) -> tuple[dict[str, Any], str]:
         row, secret = issue_admin_token(s, label, utcnow(), expires_in)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, url_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -100,9 +100,9 @@ def require_broker() -> None:
 @bp.get("/tasks")
 @admin_required
 def list_tasks() -> Response:
-    status = validation.task_status_filter()
-    task_type = request.args.get("type") or None
-    page, per_page = validation.page_args()
+    args = validation.query(validation.TaskQuery)
+    status, task_type = args.get("status"), args.get("type")
+    page, per_page = args.get("page", 1), args.get("per_page", 20)
     items, total = db().run(
         lambda s: task_admin.page(s, status=status, type=task_type, page_no=page, per_page=per_page)
     )
@@ -157,9 +157,7 @@ def get_task(task_id: int) -> Response:
 @bp.put("/tasks/<int:task_id>/status")
 @admin_required
 def set_task_status(task_id: int) -> Response:
-    target = validation.json_object().get("status")
-    if target not in validation.TASK_STATUS_TARGETS:
-        raise ApiError(400, f"status must be one of {', '.join(validation.TASK_STATUS_TARGETS)}")
+    target = validation.status_change(validation.TaskStatusChange)
     require_broker()
     try:
         task, notify = db().run(lambda s: task_admin.set_status(s, task_id, target, utcnow()))
@@ -204,8 +202,9 @@ def delete_task(task_id: int) -> Response:
 @bp.get("/clients")
 @admin_required
 def list_clients() -> Response:
-    status = validation.choice_arg("status", validation.CLIENT_FILTERS)
-    page, per_page = validation.page_args()
+    args = validation.query(validation.ClientQuery)
+    status = args.get("status")
+    page, per_page = args.get("page", 1), args.get("per_page", 20)
 
     def query(s: Session) -> tuple[list[Client], int]:
         q = select(Client)
@@ -248,9 +247,7 @@ def get_client(client_id: str) -> Response:
 @bp.put("/clients/<client_id>/status")
 @admin_required
 def set_client_status(client_id: str) -> Response:
-    target = validation.json_object().get("status")
-    if target not in validation.CLIENT_STATUS_TARGETS:
-        raise ApiError(400, f"status must be one of {', '.join(validation.CLIENT_STATUS_TARGETS)}")
+    target = validation.status_change(validation.ClientStatusChange)
     require_broker()
     settings = current_app.config["SETTINGS"]
 

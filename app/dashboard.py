@@ -15,6 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.security import check_password_hash
 
+from app import validation
 from app.admin_api import note
 from app.auth import admin_required, bearer, db
 from app.errors import ApiError
@@ -53,9 +54,8 @@ def login() -> tuple[Response, int]:
     body: Any = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, 'send a JSON object: {"username": "...", "password": "..."}')
-    username, password = body.get("username"), body.get("password")
-    if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
-        raise ApiError(400, "username and password are required strings")
+    fields = validation.check(validation.SignIn, body)
+    username, password = fields["username"], fields["password"]
     if not settings.ADMIN_PASSWORD:
         raise ApiError(403, "password sign-in is off (ADMIN_PASSWORD is not set); use an admin token")
     name_ok = hmac.compare_digest(username.encode(), settings.ADMIN_USERNAME.encode())

@@ -1,4 +1,5 @@
-"""One JSON error shape for every HTTP failure: ``{"error": code, "message": text}``."""
+"""One JSON error shape for every HTTP failure: ``{"error": code, "message": text}``, and
+``"field"`` (its path, such as ``requirements.cpu_cores``) when one field is at fault."""
 
 from __future__ import annotations
 
@@ -28,15 +29,23 @@ CODES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, *, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or CODES.get(status, "error")
         self.message = message
+        self.field = field  # the path of the field at fault ("requirements.cpu_cores"), when one is
 
 
-def error_response(status: int, message: str, code: str | None = None) -> tuple[Response, int]:
-    response = jsonify({"error": code or CODES.get(status, "error"), "message": message})
+def error_response(
+    status: int, message: str, code: str | None = None, field: str | None = None
+) -> tuple[Response, int]:
+    body = {"error": code or CODES.get(status, "error"), "message": message}
+    if field is not None:
+        body["field"] = field
+    response = jsonify(body)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="aifarm"'
     if status == 503:
@@ -47,7 +56,7 @@ def error_response(status: int, message: str, code: str | None = None) -> tuple[
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> tuple[Response, int]:
-        return error_response(error.status, error.message, error.code)
+        return error_response(error.status, error.message, error.code, error.field)
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(error: RateLimitExceeded) -> tuple[Response, int]:

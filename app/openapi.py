@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from app import admin_api, validation
+from app import validation
 from store.models import ASSIGNMENT_STATUSES, CLIENT_STATUSES, TASK_STATUSES
 from training import spec
 
@@ -52,101 +53,57 @@ def _page_of(item: str) -> dict[str, Any]:
     }
 
 
-PAGE_PARAMS = [
-    {
-        "name": "page",
-        "in": "query",
-        "schema": {"type": "integer", "minimum": 1, "maximum": validation.PAGE_MAX, "default": 1},
-    },
-    {
-        "name": "per_page",
-        "in": "query",
-        "schema": {"type": "integer", "minimum": 1, "maximum": validation.PER_PAGE_MAX, "default": 20},
-    },
-]
-TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+# Requests: generated from the declarations in app/validation.py.
+PAGE_PARAMS = validation.query_parameters(validation.PageQuery)
+TASK_ID = validation.path_parameter("task_id")
 CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string"}}
-ROUND = {"name": "round", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
-RANK = {"name": "rank", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+ROUND = validation.path_parameter("round")
+RANK = validation.path_parameter("rank")
 CLIENT_AUTH: list[dict[str, list[str]]] = [{"clientToken": [], "clientId": []}]
 STRING = {"type": "string"}
-NONEMPTY = {"type": "string", "minLength": 1}
 EVENT_VIEWS = ("overview", "tasks", "task", "client")  # app/events.py VIEWS
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
-SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": spec.MAX_DEADLINE_S}
 
 AUTH_ERRORS = {"401": _error("missing or invalid token"), "429": _error("rate limited")}
+
+
+def _federated_config_schemas(shards_max: int) -> dict[str, Any]:
+    """FederatedConfig and every strategy's parameters, from training/spec.py and
+    aggregation/spec.py (the declarations that check them), as components."""
+    schema = spec.federated_config_schema()
+    text = json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/')
+    config = json.loads(text)
+    components: dict[str, Any] = config.pop("$defs", {})
+    config["properties"]["num_shards"]["maximum"] = min(
+        config["properties"]["num_shards"]["maximum"], shards_max
+    )
+    return {**components, "FederatedConfig": config}
 
 
 def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
     """The document; ``max_clients`` is this server's MAX_CLIENTS, which bounds num_shards."""
     shards_max = min(validation.MAX_SHARDS, max_clients)
-    requirement_props = {
-        name: {"type": kind, "minimum": lo, "maximum": hi}
-        for name, (kind, lo, hi) in validation.REQUIREMENT_FIELDS.items()
-    }
+    requests = validation.component_schemas()
+    federated = _federated_config_schemas(shards_max)
+    # This server's MAX_CLIENTS bounds num_shards (validation.new_task says so in its message).
+    config = next(b for b in requests["NewTask"]["properties"]["config"]["anyOf"] if b["type"] == "object")
+    config["properties"] = {"num_shards": {"type": "integer", "minimum": 1, "maximum": shards_max}}
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
             "required": ["error", "message"],
-            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-        },
-        "Requirements": {"type": "object", "additionalProperties": False, "properties": requirement_props},
-        "NewTask": {
-            "type": "object",
-            "required": ["type"],
-            "additionalProperties": False,
             "properties": {
-                "type": {"type": "string", "pattern": validation.TASK_TYPE_RE.pattern},
-                "requirements": {"anyOf": [_ref("Requirements"), {"type": "null"}]},
-                "priority": {
-                    "type": "integer",
-                    "minimum": validation.PRIORITY_RANGE[0],
-                    "maximum": validation.PRIORITY_RANGE[1],
-                    "default": 0,
-                    "description": "higher runs first; ties run oldest first",
-                },
-                "config": {
-                    "type": ["object", "null"],
-                    "description": (
-                        "free-form for most types; num_shards (1.."
-                        f"{validation.MAX_SHARDS}, at most MAX_CLIENTS) splits the task into ranks. "
-                        f"For type '{spec.TASK_TYPE}' see FederatedConfig."
-                    ),
-                    "properties": {"num_shards": {"type": "integer", "minimum": 1, "maximum": shards_max}},
+                "error": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {
+                    "type": "string",
+                    "description": "the field at fault, when one is: requirements.cpu_cores",
                 },
             },
         },
-        "FederatedConfig": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "model": {"enum": list(spec.MODELS)},
-                "dataset": {"enum": list(spec.DATASETS)},
-                "partition": {"enum": list(spec.PARTITIONS)},
-                "rounds": {"type": "integer", "minimum": 1, "maximum": spec.MAX_ROUNDS},
-                "num_shards": {"type": "integer", "minimum": 1, "maximum": min(spec.MAX_SHARDS, max_clients)},
-                "local_epochs": {"type": "integer", "minimum": 1, "maximum": spec.MAX_LOCAL_EPOCHS},
-                "batch_size": {"type": "integer", "minimum": 1, "maximum": spec.MAX_BATCH_SIZE},
-                "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
-                "momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
-                "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
-                "seed": {"type": "integer", "minimum": 0},
-                "strategy": {"type": "string"},
-                "strategy_params": {"type": "object"},
-                "deadline_s": {**SECONDS, "description": "an assignment's deadline; default derived"},
-                "round_timeout_s": {**SECONDS, "description": "then a round closes on its quorum or retries"},
-                "min_fit_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-                "min_fit_clients": {"type": "integer", "minimum": 1, "default": 1},
-                "max_round_retries": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "maximum": spec.MAX_ROUND_RETRIES,
-                    "default": 2,
-                },
-            },
-        },
+        **requests,
+        **federated,
         "Task": {
             "type": "object",
             "properties": {
@@ -252,7 +209,7 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
                 "summary": "Sign in to the admin panel with ADMIN_USERNAME and ADMIN_PASSWORD; the "
                 "token it returns is an admin token until expires_at (ADMIN_SESSION_TTL)",
                 "security": [],
-                "requestBody": _body(_object({"username": NONEMPTY, "password": NONEMPTY})),
+                "requestBody": _body(_ref("SignIn")),
                 "responses": {
                     "200": _json(
                         {
@@ -331,11 +288,7 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
         "/api/tasks": {
             "get": {
                 "summary": "List tasks, newest first",
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": {"enum": list(TASK_STATUSES)}},
-                    {"name": "type", "in": "query", "schema": {"type": "string"}},
-                    *PAGE_PARAMS,
-                ],
+                "parameters": validation.query_parameters(validation.TaskQuery),
                 "responses": {"200": _json(_page_of("Task")), "400": _error("bad filter"), **AUTH_ERRORS},
             },
             "post": {
@@ -371,7 +324,7 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
             "put": {
                 "summary": "Pause, resume (running) or stop a task",
                 "parameters": [TASK_ID],
-                "requestBody": _body(_object({"status": {"enum": list(validation.TASK_STATUS_TARGETS)}})),
+                "requestBody": _body(_ref("TaskStatusChange")),
                 "responses": {
                     "200": _json(_ref("Task")),
                     "400": _error("unknown status"),
@@ -473,10 +426,7 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
         "/api/clients": {
             "get": {
                 "summary": "List clients",
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": {"enum": list(validation.CLIENT_FILTERS)}},
-                    *PAGE_PARAMS,
-                ],
+                "parameters": validation.query_parameters(validation.ClientQuery),
                 "responses": {"200": _json(_page_of("Client")), "400": _error("bad filter"), **AUTH_ERRORS},
             }
         },
@@ -491,7 +441,7 @@ def document(max_clients: int = validation.MAX_SHARDS) -> dict[str, Any]:
             "put": {
                 "summary": "Disable a client (no work; its assignments are released) or enable it",
                 "parameters": [CLIENT_ID],
-                "requestBody": _body(_object({"status": {"enum": list(validation.CLIENT_STATUS_TARGETS)}})),
+                "requestBody": _body(_ref("ClientStatusChange")),
                 "responses": {
                     "200": _json(_ref("Client")),
                     "400": _error("unknown status"),
@@ -567,26 +517,6 @@ TOKEN_FIELDS: dict[str, Any] = {
 }
 TOKEN_SCHEMAS: dict[str, Any] = {
     "AdminToken": _object(TOKEN_FIELDS),
-    "NewAdminToken": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "label": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": admin_api.LABEL_MAX,
-                "default": "api",
-                "pattern": f"^(?!panel:)[^{admin_api.CONTROL_CHARS}]*$",
-                "description": "no control characters, not starting with 'panel:'",
-            },
-            "expires_in": {
-                "type": ["integer", "null"],
-                "minimum": 1,
-                "maximum": admin_api.EXPIRES_IN_MAX,
-                "description": "seconds; null or absent: never expires",
-            },
-        },
-    },
     "AuditEntry": _object(
         {
             "id": {"type": "integer"},

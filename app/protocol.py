@@ -13,12 +13,10 @@ versions in ``register`` say what it speaks); inside ``utilization`` they are re
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -28,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
-from pydantic_core import ErrorDetails
 
+from app.declare import Declared, Whole, explain, schema_of
 from store.clients import Hardware
 from training.version import VERSION_RE
 
@@ -47,10 +45,11 @@ KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat"
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field  # the path of the field at fault ("task_progress.progress"), when one is
 
 
 def invalid(message: str) -> ProtocolError:
@@ -64,14 +63,6 @@ def _integral(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-
-
-def _whole(value: Any) -> Any:
-    """As JSON Schema says, 36.0 is the integer 36."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Whole = BeforeValidator(_whole)
 
 
 def _none_is_empty(value: Any) -> Any:
@@ -113,10 +104,7 @@ Metrics = Annotated[
 ]
 
 
-class Model(BaseModel):
-    """Strict types: no bool for a number, no "7" for a count (unless a field says so)."""
-
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+Model = Declared
 
 
 def _message_schema(schema: dict[str, Any], *, reconnect: bool = False) -> None:
@@ -346,101 +334,5 @@ def parse(frame: str | bytes) -> Message:
     try:
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as refused:
-        raise invalid(explain(model, kind, refused.errors())) from None
-
-
-def explain(model: type[BaseModel], where: str, errors: list[ErrorDetails]) -> str:
-    """One sentence for the first problem: the field's path and what it must be."""
-    first = errors[0]
-    loc = _field_loc(first["loc"])
-    path = _path(where, loc)
-    kind = first["type"]
-    if kind == "missing":
-        return f"{path} is required"
-    if kind == "value_error":  # a validator's own words: a whole sentence, "must ...", or "<field>..."
-        text = str((first.get("ctx") or {}).get("error", first["msg"]))
-        if text.startswith(f"{where}.") or not loc:
-            return text
-        return f"{path} {text}" if text.startswith("must") else f"{_path(where, loc[:-1])}.{text}"
-    if kind == "extra_forbidden":
-        parent = loc[:-1]
-        unknown = sorted(
-            str(e["loc"][-1])[:32]
-            for e in errors
-            if e["type"] == kind and _field_loc(e["loc"])[:-1] == parent
-        )
-        known = _schema_at(model, parent).get("properties", {})
-        return (
-            f"{_path(where, parent)} has unknown keys {', '.join(unknown[:5])}; "
-            f"expected some of {', '.join(known)}"
-        )
-    description = _schema_at(model, loc).get("description")
-    if description is None:
-        return f"{path} is not valid: {first['msg']}"
-    return f"{path} must be {description}"
-
-
-def _field_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    """The path of a field, without pydantic's names of union members ('float', 'str', ...)."""
-    out: list[int | str] = []
-    for part in loc:
-        if isinstance(part, str) and (part in _MEMBER_TAGS or "[" in part or part.startswith("function-")):
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-_MEMBER_TAGS = {"float", "bool", "str", "int", "none", "list[...]", "dict[str,...]"}
-for _name in ("Utilization", "GpuUse", "GpuInfo", "CpuInfo", "RamInfo"):
-    _MEMBER_TAGS.add(_name)
-
-
-def _path(where: str, loc: tuple[int | str, ...]) -> str:
-    path = where
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
-@functools.cache
-def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema()
-
-
-def _schema_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> dict[str, Any]:
-    """The JSON Schema of the field at ``loc`` (its description says what it must be)."""
-    root = _schema_of(model)
-    defs = root.get("$defs", {})
-
-    def resolve(node: dict[str, Any]) -> dict[str, Any]:
-        while True:
-            if "$ref" in node:
-                node = {
-                    **defs[node["$ref"].rsplit("/", 1)[-1]],
-                    **{k: v for k, v in node.items() if k != "$ref"},
-                }
-                continue
-            branches = [b for b in node.get("anyOf", []) if b.get("type") != "null"]
-            if len(branches) == 1:
-                node = {**resolve(branches[0]), **{k: v for k, v in node.items() if k != "anyOf"}}
-                continue
-            return node
-
-    node = resolve(root)
-    for part in loc:
-        if isinstance(part, int):
-            child = node.get("items")
-        else:
-            child = node.get("properties", {}).get(part) or (
-                node.get("additionalProperties")
-                if isinstance(node.get("additionalProperties"), dict)
-                else None
-            )
-        if child is None:
-            break
-        node = resolve(child)
-    return node
-
-
-def error(code: str, message: str) -> str:
-    return json.dumps({"type": "error", "code": code, "message": message})
+        message, field = explain(schema_of(model), kind, refused.errors())
+        raise ProtocolError("invalid_message", message, field) from None

@@ -83,10 +83,15 @@ class Connection:
             self.ws.send(json.dumps(message))
             metrics.ws_out(message["type"])
 
-    def error(self, code: str, message: str, about: dict[str, Any] | None = None) -> None:
+    def error(
+        self, code: str, message: str, field: str | None = None, about: dict[str, Any] | None = None
+    ) -> None:
         """Send an ``error``; ``about`` names the message refused (a ``task_result``'s task)."""
         metrics.ws_error(code)
-        self.send({"type": "error", "code": code, "message": message, **(about or {})})
+        body = {"type": "error", "code": code, "message": message, **(about or {})}
+        if field is not None:
+            body["field"] = field  # the path of the field at fault, as in the REST API's errors
+        self.send(body)
 
     def close_superseded(self) -> None:
         """Another connection of this client took over (or the sweep timed us out)."""
@@ -187,7 +192,7 @@ class Connection:
             elif isinstance(message, Heartbeat):
                 self._note_utilization(message.utilization)
         except ProtocolError as problem:
-            self.error(problem.code, problem.message, about)
+            self.error(problem.code, problem.message, problem.field, about)
         except Busy:
             self.error(
                 "unavailable", "the database is busy; nothing was changed, try again shortly", about=about

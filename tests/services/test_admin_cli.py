@@ -229,9 +229,9 @@ def test_a_malformed_file_is_one_line(
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (("tasks", "list", "--page", "0"), ("400", "page must be in 1..")),
+        (("tasks", "list", "--page", "0"), ("400", "page must be an integer in 1..")),
         (("tasks", "list", "--status", "sleeping"), ("400", "status must be one of")),
-        (("clients", "list", "--per-page", "1000"), ("400", "per_page in 1..100")),
+        (("clients", "list", "--per-page", "1000"), ("400", "per_page must be an integer in 1..100")),
     ],
 )
 def test_a_refused_query_is_one_line(server: int, args: tuple[str, ...], expected: tuple[str, ...]) -> None:

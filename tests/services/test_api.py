@@ -46,13 +46,13 @@ def test_every_admin_route_needs_a_valid_bearer_token(
     ("body", "needle"),
     [
         ({}, "type is required"),
-        ({"type": ""}, "type is required"),
-        ({"type": "bad type!"}, "type is required"),
+        ({"type": ""}, "type must be a name of letters"),
+        ({"type": "bad type!"}, "type must be a name of letters"),
         ({"type": "echo", "priority": "high"}, "priority"),
         ({"type": "echo", "priority": 10**6}, "priority"),
         ({"type": "echo", "requirements": {"cpu_cores": -1}}, "requirements.cpu_cores"),
         ({"type": "echo", "requirements": {"ram_gb": "lots"}}, "requirements.ram_gb"),
-        ({"type": "echo", "requirements": {"tpus": 1}}, "unknown requirement"),
+        ({"type": "echo", "requirements": {"tpus": 1}}, "requirements has unknown keys tpus"),
         ({"type": "echo", "requirements": [1]}, "requirements must be an object"),
         ({"type": "echo", "config": {"num_shards": 0}}, "num_shards"),
         ({"type": "echo", "config": {"num_shards": 101}}, "MAX_CLIENTS"),
@@ -221,3 +221,17 @@ def test_the_access_log_records_requests(server: int, run_dir) -> None:  # type:
     log = run_dir / "logs" / "access.log"
     wait_for(lambda: 'path="/api/tasks"' in log.read_text(), what="access log line")
     assert (run_dir / "logs" / "server.log").read_text()
+
+
+def test_a_refused_field_is_named_in_the_error(server: int, db: Database) -> None:
+    too_many = {"type": "echo", "requirements": {"cpu_cores": 5000}}
+    status, body = request(server, "POST", "/api/tasks", too_many)
+    assert status == 400, body
+    assert body == {
+        "error": "bad_request",
+        "message": "requirements.cpu_cores must be an integer in 0..4096",
+        "field": "requirements.cpu_cores",
+    }
+    status, body = request(server, "POST", "/api/tasks", {"type": "federated_training", "config": {"lr": 0}})
+    assert (status, body["field"]) == (400, "config.lr"), body
+    assert count_tasks(db) == 0

@@ -137,7 +137,7 @@ def test_an_expiring_token_works_then_is_refused(server: int) -> None:
         (b'{"expires_in": "60"}', "expires_in"),
         (b'{"expires_in": true}', "expires_in"),
         (b'{"expires_in": 1.5}', "expires_in"),
-        (b'{"secret": "mine"}', "unknown fields: secret"),
+        (b'{"secret": "mine"}', "unknown field(s): secret"),
     ],
 )
 def test_a_malformed_token_request_is_a_400_with_the_reason(server: int, body: bytes, reason: str) -> None:

@@ -204,3 +204,12 @@ def test_an_incompatible_client_is_told_what_to_upgrade_and_closed(
         old.close()
     assert rows(db, "SELECT COUNT(*) FROM clients")[0][0] == before  # nothing registered
     still_usable(client)
+
+
+def test_an_invalid_message_names_its_field(client: WsClient) -> None:
+    busy = {"cpu_utilization": 101}
+    client.send({"type": "task_progress", "task_id": 1, "progress": 5, "utilization": busy})
+    error = client.expect_error("invalid_message")
+    assert error["field"] == "task_progress.utilization.cpu_utilization", error
+    assert error["message"] == "task_progress.utilization.cpu_utilization must be a number in 0..100"
+    still_usable(client)
