@@ -47,6 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     server_settings.setup_logging(settings)
 
     app = Flask(__name__)
+    app.json = validation.JSONProvider(app)  # a body nested too deeply is a 400, not a 500
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_SIZE
     app.config["SOCK_SERVER_OPTIONS"] = {

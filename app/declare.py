@@ -18,6 +18,7 @@ House rules for a declaration:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
@@ -28,6 +29,19 @@ class Declared(BaseModel):
     """Strict, finite, immutable."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+
+
+def finite_float(text: str) -> float:
+    """``json.loads``'s ``parse_float``: 1e999 is no number JSON can carry back (it would be inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is too large for a number")
+    return value
+
+
+def refuse_constant(name: str) -> Any:
+    """``json.loads``'s ``parse_constant``: NaN and Infinity are not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _whole(value: Any) -> Any:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from app.declare import Declared, Whole, explain, schema_of
+from app.declare import Declared, Whole, explain, finite_float, refuse_constant, schema_of
 from store.clients import Hardware
 from training.version import VERSION_RE
 
@@ -296,10 +296,6 @@ def describe() -> dict[str, Any]:
     return schema
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _depth(value: Any, limit: int) -> bool:
     """True when ``value`` nests objects and lists at most ``limit`` levels deep."""
     if isinstance(value, dict):
@@ -314,7 +310,7 @@ def parse(frame: str | bytes) -> Message:
     if isinstance(frame, bytes):
         raise ProtocolError("invalid_json", "binary frames are not accepted; send JSON text")
     try:
-        body = json.loads(frame, parse_constant=_reject_constant)
+        body = json.loads(frame, parse_constant=refuse_constant, parse_float=finite_float)
     except RecursionError:
         raise ProtocolError("invalid_json", f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as error:

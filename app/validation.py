@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, NotRequired, Required
 
-from flask import request
+from flask import current_app, request
+from flask.json.provider import DefaultJSONProvider
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 import server_settings
-from app.declare import Whole, explain
+from app.declare import Whole, explain, finite_float, refuse_constant
 from app.errors import ApiError
 from store.auth import PANEL_PREFIX
 from store.models import CLIENT_STATUSES, FEDERATED, TASK_STATUSES
@@ -247,8 +248,26 @@ def path_parameter(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": TypeAdapter(PathInteger).json_schema()}
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, except that NaN, Infinity and numbers past a float (1e999) are refused (they
+    are not JSON, and the database's JSON column and every answer would carry them), and that a
+    body nested past Python's recursion limit is invalid JSON (a 400), not a RecursionError (a 500)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        kwargs.setdefault("parse_constant", refuse_constant)  # NaN and Infinity are not JSON
+        kwargs.setdefault("parse_float", finite_float)  # nor is 1e999
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+
 def json_object() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = current_app.json.loads(request.get_data(cache=True))
+    except ValueError as refused:  # not JSON at all (UnicodeDecodeError too), or nested too deeply
+        why = str(refused)[:120]
+        raise ApiError(400, f"the body must be a JSON object; this is not JSON: {why}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body

@@ -85,3 +85,21 @@ def test_a_429_says_when_to_come_back(embedded: int) -> None:
     status, retry_after = answers[-1]
     assert status == 429, answers
     assert retry_after is not None and 0 < int(retry_after) <= 60
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # a RecursionError, a 500, before
+        ('{"type": "echo", "config": {"depth": ' + '{"a": ' * 20 + "1" + "}" * 20 + "}}", "nests deeper"),
+        ('{"type": "echo", "config": {"x": 1e999}}', "1e999 is too large for a number"),  # inf, stored
+        ('{"type": "echo", "config": {"x": NaN}}', "NaN is not valid JSON"),
+    ],
+)
+def test_json_no_database_or_answer_can_hold_is_a_400(port: int, raw: str, why: str) -> None:
+    before = request(port, "GET", "/api/tasks")[1]["total"]
+    status, reply = request(
+        port, "POST", "/api/tasks", raw=raw.encode(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and why in reply["message"], reply
+    assert request(port, "GET", "/api/tasks")[1]["total"] == before  # nothing created

@@ -51,6 +51,8 @@ def test_progress_and_result_accept_numeric_string_ids() -> None:
         ("", "invalid_json"),
         ('"register"', "invalid_json"),
         ('{"type": "task_progress", "task_id": 1, "progress": Infinity}', "invalid_json"),
+        ('{"type": "task_progress", "task_id": 1, "progress": 1e999}', "invalid_json"),  # inf
+        ("[" * 100_000 + "]" * 100_000, "invalid_json"),  # deeper than Python's recursion limit
         ('{"type": 5}', "unknown_type"),
         ('{"type": "task_progress", "task_id": 1, "progress": true}', "invalid_message"),
         ('{"type": "task_progress", "task_id": 1.5, "progress": 1}', "invalid_message"),
