@@ -138,7 +138,8 @@ class Hub:
     def reconcile(self, client_ids: list[str]) -> None:
         if len(self._specs) > 10_000:
             self._specs.clear()
-        rows = self.db.run(lambda s: assignments.open_for_clients(s, client_ids, self._specs))
+        # first: one pass serves many sockets; it does not queue behind a burst of single messages
+        rows = self.db.run(lambda s: assignments.open_for_clients(s, client_ids, self._specs), first=True)
         by_client: dict[str, list[assignments.Open]] = defaultdict(list)
         for row in rows:
             by_client[row.client_id].append(row)
@@ -175,7 +176,7 @@ class Hub:
             return clients.touch(s, conn_ids, now) if conn_ids else set()
 
         try:
-            alive = self.db.run(write)
+            alive = self.db.run(write, first=True)
         except Exception:
             with self._lock:  # kept, unless a newer report of the same assignment came meanwhile
                 for aid, value_metrics in latest.items():

@@ -4,7 +4,8 @@ One :class:`Database` per process (:func:`get_db`). Workers dispose the inherite
 fork; the web tier and workers open short transactions with :meth:`Database.session`.
 
 On MySQL, at most ``pool_size`` transactions of one process run at once: the others wait
-their turn (in FIFO order, up to :data:`QUEUE_TIMEOUT` seconds) instead of failing. A web
+their turn (in FIFO order, the web tier's batched passes first, up to :data:`QUEUE_TIMEOUT`
+seconds) instead of failing. A web
 process with thousands of sockets would otherwise empty the pool in a burst, and
 SQLAlchemy's ``pool_timeout`` would report a healthy database unavailable. Under gevent the
 wait is a greenlet's (``threading`` is patched), not the process's.
@@ -114,10 +115,11 @@ class _Turns:
         self.waited = 0  # transactions that had to wait (for logs and the load benchmark)
 
     @contextmanager
-    def turn(self, timeout: float) -> Iterator[None]:
+    def turn(self, timeout: float, *, first: bool = False) -> Iterator[None]:
+        """Hold a turn for the block; ``first``: wait at the head of the line, not its end."""
         depth = getattr(self._mine, "depth", 0)
         if depth == 0:
-            self._acquire(timeout)
+            self._acquire(timeout, first)
         self._mine.depth = depth + 1
         try:
             yield
@@ -126,13 +128,16 @@ class _Turns:
             if depth == 0:
                 self._release()
 
-    def _acquire(self, timeout: float) -> None:
+    def _acquire(self, timeout: float, first: bool) -> None:
         with self._lock:
             if self._busy < self.size and not self._waiting:
                 self._busy += 1
                 return
             ready = threading.Event()
-            self._waiting.append(ready)
+            if first:
+                self._waiting.appendleft(ready)
+            else:
+                self._waiting.append(ready)
             self.waited += 1
         if ready.wait(timeout):
             return  # the releasing holder handed its turn over (busy stays counted)
@@ -193,18 +198,21 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, first: bool = False) -> Iterator[Session]:
         """A transaction: commits when the block ends, rolls back on an exception.
 
         Raises :class:`Unavailable` when the database cannot be reached; its ``retry_safe``
         says whether the connection, open when the transaction began, broke before the
         COMMIT (not while connecting, not during the COMMIT, whose outcome is unknown).
+
+        ``first``: when every turn is taken, wait at the head of the line (the hub's batched
+        passes, which serve every socket of the process, go before single messages).
         """
         if self.turns is None:
             with self._session() as s:
                 yield s
         else:
-            with self.turns.turn(self.queue_timeout), self._session() as s:
+            with self.turns.turn(self.queue_timeout, first=first), self._session() as s:
                 yield s
 
     @contextmanager
@@ -226,7 +234,7 @@ class Database:
         finally:
             s.close()
 
-    def run(self, fn: Callable[[Session], T], *, attempts: int = 4) -> T:
+    def run(self, fn: Callable[[Session], T], *, attempts: int = 4, first: bool = False) -> T:
         """Run ``fn`` in a transaction, again (at most ``attempts`` runs in all, with a short
         backoff) on a deadlock or lock wait timeout (1213, 1205; SQLite: busy), or when the
         connection died under it before its COMMIT (2006, 2013: the server rolled it back).
@@ -239,7 +247,7 @@ class Database:
         have committed."""
         for attempt in range(1, attempts + 1):
             try:
-                with self.session() as s:
+                with self.session(first=first) as s:
                     return fn(s)
             except exc.OperationalError as error:
                 if not is_retryable(error):
