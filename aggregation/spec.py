@@ -15,6 +15,7 @@ See ``docs/aggregation.md`` for what each parameter means.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -474,38 +475,40 @@ def normalize_without_clients(name: str, params: Mapping[str, Any]) -> dict[str,
     return _normalize(name, params, None)
 
 
-def _one_of(schema: dict[str, Any]) -> dict[str, Any]:
-    """pydantic writes a union as ``anyOf``; the clip modes exclude each other: ``oneOf``."""
-    schema["oneOf"] = schema.pop("anyOf")
-    return schema
+#: Where a schema's references point: its own ``$defs`` (an OpenAPI document may pass
+#: ``"#/components/schemas/{model}"`` and move the ``$defs`` there).
+REF_TEMPLATE = "#/$defs/{model}"
 
 
 @functools.cache
-def _schemas() -> dict[str, Any]:
+def _schemas(ref_template: str) -> dict[str, Any]:
     from pydantic.json_schema import models_json_schema
 
     models: list[tuple[type[BaseModel], Literal["validation"]]] = [
         (PARAMS[name][mode], "validation") for name in STRATEGIES for mode in CLIP_MODES
     ]
-    _, top = models_json_schema(models, ref_template="#/$defs/{model}")
+    _, top = models_json_schema(models, ref_template=ref_template)
     defs: dict[str, Any] = top["$defs"]
     for name in STRATEGIES:
-        defs[f"{_title(name)}Params"] = {
+        defs[strategy_params_ref(name)] = {
             "title": f"{name} parameters",
             "description": (
                 f"The parameters of strategy {name!r}, by clip_mode: 'none' (the default without "
-                "clip_norm), 'fixed' (the default with clip_norm) or 'adaptive'."
+                "clip_norm), 'fixed' (the default with clip_norm) or 'adaptive'. Beyond this schema: "
+                "adaptive clipping with noise needs clip_count_stddev > noise_multiplier/2, and the "
+                "strategy needs enough updates a round."
             ),
-            "oneOf": [{"$ref": f"#/$defs/{PARAMS[name][mode].__name__}"} for mode in CLIP_MODES],
+            # The clip modes exclude each other: oneOf, not pydantic's anyOf.
+            "oneOf": [{"$ref": ref_template.format(model=model.__name__)} for model in PARAMS[name].values()],
         }
     return defs
 
 
-def strategy_params_defs() -> dict[str, Any]:
+def strategy_params_defs(ref_template: str = REF_TEMPLATE) -> dict[str, Any]:
     """The JSON Schemas of every strategy's parameters, by name: ``<Strategy>Params`` (e.g.
     ``MultiKrumParams``) is a ``oneOf`` of its three clip modes (``MultiKrumNoneClipping``, ...);
-    references point to ``#/$defs/<name>``."""
-    return {key: dict(value) for key, value in _schemas().items()}
+    references are written with ``ref_template``."""
+    return copy.deepcopy(_schemas(ref_template))
 
 
 def strategy_params_ref(name: str) -> str:
@@ -515,14 +518,15 @@ def strategy_params_ref(name: str) -> str:
     return f"{_title(name)}Params"
 
 
-def strategy_params_schema(name: str) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of ``strategy_params`` for strategy ``name``. What it
-    cannot say: adaptive clipping with noise needs ``clip_count_stddev`` > ``noise_multiplier``/2,
-    and the strategy needs enough updates (:func:`shortfall`)."""
-    defs = _schemas()
-    top = defs[strategy_params_ref(name)]
-    own = {branch["$ref"].rsplit("/", 1)[-1] for branch in top["oneOf"]}
-    return {**top, "$defs": {key: defs[key] for key in sorted(own)}}
+def strategy_params_schema(name: str, ref_template: str = REF_TEMPLATE) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``strategy_params`` for strategy ``name``, with the
+    three clip modes it refers to under ``$defs``. What it cannot say: adaptive clipping with
+    noise needs ``clip_count_stddev`` > ``noise_multiplier``/2, and the strategy needs enough
+    updates (:func:`shortfall`)."""
+    defs = _schemas(ref_template)
+    top = defs[strategy_params_ref(name)]  # refuses an unknown name
+    own = sorted(model.__name__ for model in PARAMS[name].values())
+    return copy.deepcopy({**top, "$defs": {key: defs[key] for key in own}})
 
 
 def trim_count(beta: float, n: int) -> int:

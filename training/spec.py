@@ -13,6 +13,7 @@ strategy against the quorum) are validators of the model.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from aggregation.spec import (
+    REF_TEMPLATE,
     STRATEGIES,
     SpecField,
     Whole,
@@ -207,7 +209,7 @@ STORED_ORDER: tuple[str, ...] = (
 KNOWN_KEYS = frozenset(FederatedConfig.model_fields)
 
 
-def _strategy_params_by_strategy(schema: dict[str, Any]) -> None:
+def _strategy_params_by_strategy(schema: dict[str, Any], ref_template: str) -> None:
     """``strategy_params`` is the chosen strategy's: one ``if``/``then`` per strategy (no
     ``strategy`` means fedavg), and ``num_shards`` is at most the dataset's train size."""
     rules: list[dict[str, Any]] = []
@@ -215,7 +217,7 @@ def _strategy_params_by_strategy(schema: dict[str, Any]) -> None:
         condition: dict[str, Any] = {"properties": {"strategy": {"const": name}}}
         if name != "fedavg":
             condition["required"] = ["strategy"]
-        ref = {"$ref": f"#/$defs/{strategy_params_ref(name)}"}
+        ref = {"$ref": ref_template.format(model=strategy_params_ref(name))}
         rules.append({"if": condition, "then": {"properties": {"strategy_params": ref}}})
     for dataset, size in TRAIN_SIZES.items():
         condition = {"properties": {"dataset": {"const": dataset}}}
@@ -287,18 +289,17 @@ def quorum(config: Mapping[str, Any]) -> int:
 
 
 @functools.cache
-def _schema() -> dict[str, Any]:
-    schema = FederatedConfig.model_json_schema(ref_template="#/$defs/{model}")
-    _strategy_params_by_strategy(schema)
-    schema.setdefault("$defs", {}).update(strategy_params_defs())
+def _schema(ref_template: str) -> dict[str, Any]:
+    schema = FederatedConfig.model_json_schema(ref_template=ref_template)
+    _strategy_params_by_strategy(schema, ref_template)
+    schema.setdefault("$defs", {}).update(strategy_params_defs(ref_template))
     return schema
 
 
-def federated_config_schema() -> dict[str, Any]:
+def federated_config_schema(ref_template: str = REF_TEMPLATE) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a ``federated_training`` task's ``config``, with every
-    strategy's parameters under ``$defs`` (references are ``#/$defs/<name>``). What it cannot
-    say: ``min_fit_clients`` is at most ``num_shards``, and the strategy needs enough updates
-    (``num_shards``, or the quorum when it is smaller)."""
-    import copy
-
-    return copy.deepcopy(_schema())
+    strategy's parameters under ``$defs``; references are written with ``ref_template``
+    (``#/$defs/<name>``; an OpenAPI document may pass ``"#/components/schemas/{model}"`` and move
+    the ``$defs`` there). What it cannot say: ``min_fit_clients`` is at most ``num_shards``, and
+    the strategy needs enough updates (``num_shards``, or the quorum when it is smaller)."""
+    return copy.deepcopy(_schema(ref_template))

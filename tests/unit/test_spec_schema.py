@@ -81,6 +81,16 @@ def test_the_schemas_are_plain_json_with_their_references_inside() -> None:
     jsonschema.Draft202012Validator.check_schema(full)
 
 
+def test_an_openapi_document_can_take_the_definitions_into_its_components() -> None:
+    template = "#/components/schemas/{model}"
+    full = spec.federated_config_schema(template)
+    text = json.dumps(full)
+    assert "#/$defs/" not in text
+    for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text):
+        assert ref in full["$defs"], ref
+    assert "#/$defs/" not in json.dumps(agg.strategy_params_schema("krum", template))
+
+
 def every_field() -> list[tuple[str, str, dict[str, Any]]]:
     """(where, field, its JSON Schema) for every field of the config and of every parameter model."""
     out = []
