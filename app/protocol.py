@@ -41,7 +41,7 @@ TASK_ID_MAX = 2**31 - 1
 ROUND_MAX = 10**6
 MAX_GPU_MEMORY_MIB = 10**9
 ERROR_TEXT_MAX = 10_000
-KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat"
+KNOWN_TYPES = "register, task_request, task_progress, task_result, heartbeat, rotate_token"
 
 
 class ProtocolError(Exception):
@@ -282,9 +282,18 @@ class Heartbeat(Model):
     utilization: UtilizationField = None
 
 
-Message = Register | TaskRequest | TaskProgress | TaskResult | Heartbeat
+class RotateToken(Model):
+    """Replace this client's token with a new one, sent back in ``token_rotated``; the old one
+    stops working at once. The connection stays registered."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
+    TYPE: ClassVar[str] = "rotate_token"
+    type: Literal["rotate_token"] = "rotate_token"
+
+
+Message = Register | TaskRequest | TaskProgress | TaskResult | Heartbeat | RotateToken
 MODELS: dict[str, type[Model]] = {
-    m.TYPE: m for m in (Register, TaskRequest, TaskProgress, TaskResult, Heartbeat)
+    m.TYPE: m for m in (Register, TaskRequest, TaskProgress, TaskResult, Heartbeat, RotateToken)
 }
 _ANY_MESSAGE: TypeAdapter[Message] = TypeAdapter(Annotated[Message, Field(discriminator="type")])
 

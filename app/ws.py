@@ -23,8 +23,16 @@ from sqlalchemy.orm import Session
 import server_settings
 from app import compat, jobs, metrics, protocol
 from app.hub import Hub
-from app.protocol import Heartbeat, ProtocolError, Register, TaskProgress, TaskRequest, TaskResult
-from store import assignments, clients
+from app.protocol import (
+    Heartbeat,
+    ProtocolError,
+    Register,
+    RotateToken,
+    TaskProgress,
+    TaskRequest,
+    TaskResult,
+)
+from store import assignments, audit, auth, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Busy, Database, Unavailable
 from store.models import FEDERATED, TaskAssignment, TaskShard, utcnow
@@ -189,6 +197,8 @@ class Connection:
                 self._task_progress(message)
             elif isinstance(message, TaskResult):
                 self._task_result(message)
+            elif isinstance(message, RotateToken):
+                self._rotate_token()
             elif isinstance(message, Heartbeat):
                 self._note_utilization(message.utilization)
         except ProtocolError as problem:
@@ -263,6 +273,31 @@ class Connection:
             self.error("client_disabled", "an admin disabled this client; it gets no work")
         # A reconnecting client is reconciled at once: it gets its open assignments again.
         self.hub.attach(self, reconnect=token is None)
+
+    def _rotate_token(self) -> None:
+        """A new token for this client; the old one stops working at once, this connection stays."""
+        client_id = self.client_id
+        assert client_id is not None
+        secret = auth.new_token()
+
+        def rotate(s: Session) -> None:
+            auth.set_client_token(s, client_id, secret)
+            audit.record(
+                s,
+                at=utcnow(),
+                actor=f"client:{client_id}",
+                action="client_token_rotate",
+                target=f"client:{client_id}",
+                detail={"by": "the client itself"},
+                remote=self.remote,
+            )
+
+        self.db.run(rotate)
+        self.send({"type": "token_rotated", "client_id": client_id, "token": secret})
+        security_log.info(
+            "event=audit action=client_token_rotate actor=client:%s target=client:%s remote=%s via=ws",
+            client_id, client_id, self.remote,
+        )  # fmt: skip
 
     def _check_id(self, claimed: str | None) -> None:
         if claimed is not None and claimed != self.client_id:

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit (status 0) once the server acknowledged this many results; default: run until stopped",
     )
     parser.add_argument(
+        "--rotate-token",
+        action="store_true",
+        help="once registered, ask the server for a new token and save it (the old one stops working)",
+    )
+    parser.add_argument(
         "--threads",
         type=_positive_int,
         default=os.environ.get("AIFARM_THREADS", "1"),
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tasks=args.max_tasks,
             display=display,
             utilization=hardware.UtilizationProbe(include_gpus=device == "cuda").sample,
+            rotate_token=args.rotate_token,
         )
         connection = Connection(
             args.server, session, backoff=Backoff(), give_up_after=args.give_up_after or None

@@ -81,6 +81,7 @@ class ClientSession:
         progress_interval: float = 0.5,
         utilization: Callable[[], dict[str, Any]] | None = None,
         utilization_interval: float = 10.0,
+        rotate_token: bool = False,
         clock: Callable[[], float] = time.monotonic,
         spawn: Callable[[Callable[[], None], str], None] = spawn_thread,
     ) -> None:
@@ -93,6 +94,7 @@ class ClientSession:
         self.utilization = utilization
         self.utilization_interval = utilization_interval
         self.clock = clock
+        self._rotate_token = rotate_token  # ask for a new token once registered (--rotate-token)
 
         self._lock = threading.RLock()
         self._ledger = ResultLedger(max_tasks)
@@ -200,6 +202,8 @@ class ClientSession:
                 self.stop(task_id)
         elif kind == "result_accepted":
             self._on_result_accepted(message)
+        elif kind == "token_rotated":
+            self._on_token_rotated(message)
         elif kind == "error":
             self._on_error(str(message.get("code", "")), str(message.get("message", "")), message)
         else:
@@ -234,7 +238,21 @@ class ClientSession:
                     self._outbox.append(result)
             # The server tells a new connection again which of our tasks are paused.
             self._tasks.forget_pauses()
+            if self._rotate_token:
+                self._rotate_token = False
+                self._outbox.append({"type": "rotate_token"})
         self._maybe_request()
+
+    def _on_token_rotated(self, message: Mapping[str, Any]) -> None:
+        """The server replaced our token: keep the new one (the old one no longer works)."""
+        token = message.get("token")
+        with self._lock:
+            if self.identity is None or not isinstance(token, str) or not token:
+                raise Fatal(f"the server's 'token_rotated' carries no token for us: {dict(message)!r}")
+            identity = Identity(self.identity.client_id, token)
+            self._save_identity(identity)  # StateError: the caller turns it into an exit
+            self.identity = identity
+        log.info("token rotated for client %s; the new one is saved", identity.client_id)
 
     def _on_task(self, data: Any) -> None:
         try:

@@ -201,6 +201,38 @@ def test_a_rotated_client_token_disconnects_and_only_the_new_one_registers(serve
     assert reply["token"] not in str(audit(server))
 
 
+def test_a_client_rotates_its_own_token_and_keeps_its_connection(server: int) -> None:
+    client = WsClient(server).register()
+    assert client.client_id and client.token
+    old, headers = client.token, {"X-Client-Id": client.client_id}
+    client.send({"type": "rotate_token"})
+    rotated = client.expect("token_rotated")
+    assert rotated["client_id"] == client.client_id and rotated["token"] not in (old, None)
+    try:
+        client.request_task()  # the connection is still registered: a request is taken, no error
+        client.send({"type": "task_progress", "task_id": 999999, "progress": 1})
+        client.expect_error("unknown_task")
+    finally:
+        client.close()
+    refused = register_with(server, client.client_id, old)
+    assert (refused["type"], refused.get("code")) == ("error", "auth_failed"), refused
+    assert request(server, "GET", MODEL, token=old, headers=headers)[0] == 401
+    assert register_with(server, client.client_id, rotated["token"])["type"] == "registered"
+    assert request(server, "GET", MODEL, token=rotated["token"], headers=headers)[0] == 409
+    entry = audited(server, "client_token_rotate", f"client:{client.client_id}")
+    assert entry["actor"] == f"client:{client.client_id}" and entry["detail"] == {"by": "the client itself"}
+    assert rotated["token"] not in str(audit(server))
+
+
+def test_rotate_token_before_register_is_refused(server: int) -> None:
+    ws = WsClient(server)
+    try:
+        ws.send({"type": "rotate_token"})
+        ws.expect_error("not_registered")
+    finally:
+        ws.close()
+
+
 def test_a_revoked_client_token_means_registering_afresh(server: int) -> None:
     client = WsClient(server).register()
     assert client.client_id and client.token

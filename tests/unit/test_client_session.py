@@ -54,6 +54,7 @@ class Harness:
         identity: Identity | None = None,
         max_tasks: int | None = None,
         threads: bool = False,
+        rotate_token: bool = False,
     ) -> None:
         self.saved: list[Identity] = []
         self.forgotten = 0
@@ -83,6 +84,7 @@ class Harness:
             save_identity=self.saved.append,
             forget_identity=forget,
             max_tasks=max_tasks,
+            rotate_token=rotate_token,
             clock=lambda: self.now,
             spawn=spawn_thread if threads else inline,
         )
@@ -686,3 +688,22 @@ def test_no_new_task_is_taken_after_max_tasks_results() -> None:
     h.session.handle(task(round_no=1))  # unsolicited: the limit is reached
     assert [a.key for a in h.calls] == [(7, 0, 1)]
     assert h.types() == ["task_progress", "task_result"]
+
+
+def test_rotate_token_asks_once_registered_and_saves_the_new_token() -> None:
+    h = Harness(identity=Identity("c-1", "old"), rotate_token=True)
+    h.connect(token=None)  # registered again with the saved identity
+    assert "rotate_token" in h.types()
+    h.session.handle({"type": "token_rotated", "client_id": "c-1", "token": "new"})
+    assert h.saved == [Identity("c-1", "new")]
+    assert h.session.identity == Identity("c-1", "new")
+    h.connect(token=None)  # a later connection does not ask again
+    assert "rotate_token" not in h.types()
+
+
+def test_a_token_rotated_without_a_token_is_fatal() -> None:
+    h = Harness(identity=Identity("c-1", "old"))
+    h.connect(token=None)
+    with pytest.raises(Fatal, match="token_rotated"):
+        h.session.handle({"type": "token_rotated", "client_id": "c-1"})
+    assert h.saved == []

@@ -49,7 +49,7 @@ def depth(value: Any) -> int:
 
 def test_every_client_message_is_described_with_what_each_field_must_be() -> None:
     kinds = {branch["$ref"].rsplit("/", 1)[-1] for branch in SCHEMA["oneOf"]}
-    assert kinds == {"Register", "TaskRequest", "TaskProgress", "TaskResult", "Heartbeat"}
+    assert kinds == {"Register", "TaskRequest", "TaskProgress", "TaskResult", "Heartbeat", "RotateToken"}
     assert set(SCHEMA["discriminator"]["mapping"]) == set(MODELS)
     progress = SCHEMA["$defs"]["TaskProgress"]["properties"]
     assert progress["progress"] == {
