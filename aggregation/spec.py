@@ -39,7 +39,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-STRATEGIES: tuple[str, ...] = (
+StrategyName = Literal[
     "fedavg",
     "fedprox",
     "fedavgm",
@@ -51,7 +51,8 @@ STRATEGIES: tuple[str, ...] = (
     "krum",
     "multi_krum",
     "bulyan",
-)
+]
+STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
 #: Strategies that average the (clipped) deltas with example-count weights.
 MEAN_STRATEGIES = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 #: Mean strategies with a server optimizer whose state persists across rounds.
@@ -61,7 +62,8 @@ DISTANCE_RULES = frozenset({"krum", "multi_krum", "bulyan"})
 #: Rules the functional :func:`aggregation.aggregate` accepts.
 FUNCTIONAL_RULES: tuple[str, ...] = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 CLIP_MODES: tuple[str, ...] = ("none", "fixed", "adaptive")
-WEIGHTINGS: tuple[str, ...] = ("examples", "uniform")
+Weighting = Literal["examples", "uniform"]
+WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
 
 MAX_SEED = 2**63 - 1
 MAX_F = 10**6
@@ -254,7 +256,7 @@ Seed = Annotated[int, integer_field(0, MAX_SEED), Whole]
 PARAMETERS: dict[str, Any] = {
     "noise_multiplier": Noise,
     "seed": Seed,
-    "weighting": Annotated[Literal["examples", "uniform"], choice_field(WEIGHTINGS)],
+    "weighting": Annotated[Weighting, choice_field(WEIGHTINGS)],
     "mu": Annotated[float, _between(0, 1e6)],
     "server_lr": Annotated[float, _between(0, 1e3, lo_open=True)],
     "momentum": Annotated[float, _between(0, 1, hi_open=True)],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -29,12 +30,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from aggregation.spec import (
     REF_TEMPLATE,
     STRATEGIES,
     SpecField,
+    StrategyName,
     Whole,
     choice_field,
     explain,
@@ -50,9 +53,12 @@ from aggregation.spec import (
 
 TASK_TYPE = "federated_training"
 
-MODELS: tuple[str, ...] = ("mlp", "cnn")
-DATASETS: tuple[str, ...] = ("digits", "synthetic")
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
+ModelName = Literal["mlp", "cnn"]
+DatasetName = Literal["digits", "synthetic"]
+PartitionName = Literal["iid", "dirichlet"]
+MODELS: tuple[str, ...] = typing.get_args(ModelName)
+DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
+PARTITIONS: tuple[str, ...] = typing.get_args(PartitionName)
 
 # Size of each dataset's train split (the same for every seed: the split is stratified), so a
 # task with more shards than training examples is refused at submit time without loading data.
@@ -74,15 +80,12 @@ class SpecError(SpecField):
     such as ``config.rounds``, when one field is to blame)."""
 
 
-def _between(lo: float, hi: float, *, lo_open: bool) -> Any:
+def _between(lo: float, hi: float, *, lo_open: bool) -> FieldInfo:
+    """A number in (lo, hi] or [lo, hi], its ends written as Python writes floats (0.0)."""
     return number_field(lo, hi, lo_open=lo_open, hi_open=False, text=repr)
 
 
-def _ints(lo: int, hi: int) -> Any:
-    return integer_field(lo, hi)
-
-
-Shards = Annotated[int, _ints(1, MAX_SHARDS), Whole]
+Shards = Annotated[int, integer_field(1, MAX_SHARDS), Whole]
 Seconds = Annotated[float, _between(0.0, MAX_DEADLINE_S, lo_open=True)]
 SECONDS_DESCRIPTION = "a number in (0.0, 2592000.0], or null"
 
@@ -103,32 +106,32 @@ class FederatedConfig(BaseModel):
     )
 
     num_shards: Shards = 1
-    strategy: Annotated[Literal[STRATEGIES], choice_field(STRATEGIES)] = "fedavg"  # type: ignore[valid-type]
+    strategy: Annotated[StrategyName, choice_field(STRATEGIES)] = "fedavg"
     strategy_params: dict[str, Any] = Field(
         default_factory=dict,
         validate_default=True,
         description="an object (the chosen strategy's parameters)",
     )
-    partition: Annotated[Literal["iid", "dirichlet"], choice_field(PARTITIONS)] = "iid"
-    model: Annotated[Literal["mlp", "cnn"], choice_field(MODELS)] = "mlp"
-    dataset: Annotated[Literal["digits", "synthetic"], choice_field(DATASETS)] = "digits"
-    rounds: Annotated[int, _ints(1, MAX_ROUNDS), Whole] = DEFAULT_ROUNDS
+    partition: Annotated[PartitionName, choice_field(PARTITIONS)] = "iid"
+    model: Annotated[ModelName, choice_field(MODELS)] = "mlp"
+    dataset: Annotated[DatasetName, choice_field(DATASETS)] = "digits"
+    rounds: Annotated[int, integer_field(1, MAX_ROUNDS), Whole] = DEFAULT_ROUNDS
     # Absent: the server's DEFAULT_EPOCHS and DEFAULT_BATCH_SIZE; null is refused.
-    local_epochs: Annotated[int, _ints(1, MAX_LOCAL_EPOCHS), Whole] | SkipJsonSchema[None] = Field(
+    local_epochs: Annotated[int, integer_field(1, MAX_LOCAL_EPOCHS), Whole] | SkipJsonSchema[None] = Field(
         None, json_schema_extra=no_default
     )
-    batch_size: Annotated[int, _ints(1, MAX_BATCH_SIZE), Whole] | SkipJsonSchema[None] = Field(
+    batch_size: Annotated[int, integer_field(1, MAX_BATCH_SIZE), Whole] | SkipJsonSchema[None] = Field(
         None, json_schema_extra=no_default
     )
     lr: Annotated[float, _between(0.0, 10.0, lo_open=True)] = 0.05
     momentum: Annotated[float, _between(0.0, 0.999, lo_open=False)] = 0.0
     alpha: Annotated[float, _between(0.0, 1000.0, lo_open=True)] = 0.5
-    seed: Annotated[int, _ints(0, MAX_SEED), Whole] = 0
+    seed: Annotated[int, integer_field(0, MAX_SEED), Whole] = 0
     deadline_s: Seconds | None = Field(None, description=SECONDS_DESCRIPTION)
     round_timeout_s: Seconds | None = Field(None, description=SECONDS_DESCRIPTION)
     min_fit_fraction: Annotated[float, _between(0.0, 1.0, lo_open=True)] = 1.0
-    min_fit_clients: Annotated[int, _ints(1, MAX_SHARDS), Whole] = 1
-    max_round_retries: Annotated[int, _ints(0, MAX_ROUND_RETRIES), Whole] = 2
+    min_fit_clients: Annotated[int, integer_field(1, MAX_SHARDS), Whole] = 1
+    max_round_retries: Annotated[int, integer_field(0, MAX_ROUND_RETRIES), Whole] = 2
 
     @field_validator("local_epochs", "batch_size", mode="before")
     @classmethod
