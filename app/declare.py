@@ -44,6 +44,15 @@ def refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def nested_within(value: Any, limit: int) -> bool:
+    """True when ``value`` nests objects and lists at most ``limit`` levels deep."""
+    if isinstance(value, dict):
+        return limit > 0 and all(nested_within(v, limit - 1) for v in value.values())
+    if isinstance(value, list):
+        return limit > 0 and all(nested_within(v, limit - 1) for v in value)
+    return True
+
+
 def _whole(value: Any) -> Any:
     """As JSON Schema says, 36.0 is the integer 36."""
     return int(value) if isinstance(value, float) and value.is_integer() else value

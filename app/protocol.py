@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from app.declare import Declared, Whole, explain, finite_float, refuse_constant, schema_of
+from app.declare import Declared, Whole, explain, finite_float, nested_within, refuse_constant, schema_of
 from store.clients import Hardware
 from training.version import VERSION_RE
 
@@ -305,15 +305,6 @@ def describe() -> dict[str, Any]:
     return schema
 
 
-def _depth(value: Any, limit: int) -> bool:
-    """True when ``value`` nests objects and lists at most ``limit`` levels deep."""
-    if isinstance(value, dict):
-        return limit > 0 and all(_depth(v, limit - 1) for v in value.values())
-    if isinstance(value, list):
-        return limit > 0 and all(_depth(v, limit - 1) for v in value)
-    return True
-
-
 def parse(frame: str | bytes) -> Message:
     """Parse one text frame. Raises :class:`ProtocolError`."""
     if isinstance(frame, bytes):
@@ -326,7 +317,7 @@ def parse(frame: str | bytes) -> Message:
         raise ProtocolError("invalid_json", f"not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ProtocolError("invalid_json", "a message must be a JSON object")
-    if not _depth(body, MAX_DEPTH):
+    if not nested_within(body, MAX_DEPTH):
         raise ProtocolError("invalid_json", f"nested deeper than {MAX_DEPTH} levels")
     kind = body.get("type")
     if kind is None:

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationE
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 import server_settings
-from app.declare import Whole, explain, finite_float, refuse_constant
+from app.declare import Whole, explain, finite_float, nested_within, refuse_constant
 from app.errors import ApiError
 from store.auth import PANEL_PREFIX
 from store.models import CLIENT_STATUSES, FEDERATED, TASK_STATUSES
@@ -273,14 +273,6 @@ def json_object() -> dict[str, Any]:
     return body
 
 
-def _depth(value: Any, limit: int) -> bool:
-    if isinstance(value, dict):
-        return limit > 0 and all(_depth(v, limit - 1) for v in value.values())
-    if isinstance(value, list):
-        return limit > 0 and all(_depth(v, limit - 1) for v in value)
-    return True
-
-
 def new_task(body: dict[str, Any], settings: server_settings.Settings) -> dict[str, Any]:
     """Validate a POST /api/tasks body; returns the fields of the new task."""
     fields: NewTask = check(NewTask, body)
@@ -288,7 +280,7 @@ def new_task(body: dict[str, Any], settings: server_settings.Settings) -> dict[s
     raw_config = fields.get("config") or {}
     if len(json.dumps(raw_config)) > MAX_CONFIG_BYTES:
         raise ApiError(400, f"config is larger than {MAX_CONFIG_BYTES} bytes", field="config")
-    if not _depth(raw_config, MAX_CONFIG_DEPTH):
+    if not nested_within(raw_config, MAX_CONFIG_DEPTH):
         raise ApiError(400, f"config nests deeper than {MAX_CONFIG_DEPTH} levels", field="config")
     try:
         if task_type == FEDERATED:
