@@ -176,7 +176,7 @@ class Driver:
         await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
         return {"sent": sent}
 
-    async def results(self) -> dict[str, Any]:
+    async def results(self, timeout: float) -> dict[str, Any]:
         acks: list[dict[str, Any]] = []
         errors: list[str] = []
         latencies: list[float] = []
@@ -188,7 +188,7 @@ class Driver:
             try:
                 await ws.send(json.dumps(body))
                 while True:  # errors about earlier progress may come first: only this result's answer counts
-                    reply = json.loads(await asyncio.wait_for(ws.recv(), PHASE_TIMEOUT))
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), timeout))
                     if reply["type"] == "result_accepted":
                         acks.append(reply)
                         latencies.append(time.time() - sent)
@@ -343,6 +343,7 @@ def run_load(
     progress_seconds: float = 10.0,
     progress_rate: float = 20000.0,
     token: str = ADMIN,
+    ack_timeout: float = PHASE_TIMEOUT,
 ) -> dict[str, Any]:
     """Drive ``clients`` clients against a running stack; returns the figures and the checks."""
     out: dict[str, Any] = {"clients": clients, "drivers": drivers}
@@ -397,7 +398,7 @@ def run_load(
             out["progress_offered_per_s"] = sent / progress_seconds
         # 4. results
         t0 = time.perf_counter()
-        res = group.all("results")
+        res = group.all("results", ack_timeout)
         out["results_s"] = time.perf_counter() - t0
         acks = [a for r in res for a in r["acks"]]
         out["results_acknowledged"] = len(acks)
@@ -606,6 +607,9 @@ def main() -> int:
     parser.add_argument("--celery-concurrency", type=int, default=2)
     parser.add_argument("--progress-seconds", type=float, default=10.0)
     parser.add_argument("--progress-rate", type=float, default=20000.0, help="progress messages/s offered")
+    parser.add_argument(
+        "--ack-timeout", type=float, default=PHASE_TIMEOUT, help="seconds a client waits for result_accepted"
+    )
     parser.add_argument("--database", default=DB)
     parser.add_argument("--redis", default=REDIS)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference figures")
@@ -623,7 +627,8 @@ def main() -> int:
     web = start_gunicorn(env, port, run_dir, workers=args.web_workers)
     try:
         results = run_load(port, web, database_url, clients=args.clients, drivers=args.drivers,
-                           progress_seconds=args.progress_seconds, progress_rate=args.progress_rate)  # fmt: skip
+                           progress_seconds=args.progress_seconds, progress_rate=args.progress_rate,
+                           ack_timeout=args.ack_timeout)  # fmt: skip
         if not args.no_reference:
             results.update(reference_celery(args.redis))
     finally:
