@@ -4,6 +4,8 @@ The web tier stores configs already normalized by :func:`training.spec.normalize
 so the defaults here only matter for callers (tests, benchmarks) that pass a partial config.
 Nothing is validated here: a config the spec would refuse (an unknown strategy such as
 ``fedprox``) still trains, which lets the training loop support more than the server offers.
+This module does not import ``training.spec`` (pydantic is the server's, not the client's);
+tests/unit/test_spec_schema.py checks that these defaults are the spec's.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from training import spec
-
 DEFAULTS: dict[str, Any] = {
     "model": "mlp",
     "dataset": "digits",
-    "rounds": spec.DEFAULT_ROUNDS,
+    "rounds": 10,
     "num_shards": 1,
     "local_epochs": 1,
     "batch_size": 32,

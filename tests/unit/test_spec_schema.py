@@ -257,3 +257,15 @@ def test_a_parameter_refusal_names_its_field() -> None:
         agg.normalize_strategy("fedprox", {"mu": -1}, 3)
     assert str(refused.value) == "strategy_params.mu must be in [0, 1e+06], got -1"
     assert isinstance(refused.value, agg.SpecField) and refused.value.field == "strategy_params.mu"
+
+
+def test_the_training_codes_defaults_are_the_specs() -> None:
+    """training/task_config.py fills partial configs (tests, benchmarks) without importing the
+    spec (the client does not install pydantic): its defaults must be the spec's."""
+    from training.task_config import DEFAULTS
+
+    stored = spec.normalize_federated_config({}, default_batch_size=BATCH, default_epochs=EPOCHS)
+    server_settings = {"local_epochs", "batch_size", "strategy_params"}  # the server's, or filled in
+    assert {k: v for k, v in DEFAULTS.items() if k not in server_settings} == {
+        k: stored[k] for k in DEFAULTS if k not in server_settings
+    }
