@@ -113,6 +113,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         """A browser handshake from a foreign origin gets a 403 before the upgrade."""
         if request.endpoint != "ws":
             return None
+        # No permessage-deflate: simple-websocket accepts it whenever a client offers it
+        # (browsers and most libraries do), and each socket then keeps a zlib compressor of
+        # 256 KB for messages of a few hundred bytes (docs/operations.md, "Scale").
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         origin = request.headers.get("Origin")
         if origin_allowed(origin, request.host, settings.WS_ALLOWED_ORIGINS):
             return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from websockets.sync.client import connect
 
 from tests.helpers import ADMIN, ROOT, Proc, free_port, start_gunicorn
 
@@ -56,3 +57,14 @@ def test_a_hundred_clients_get_distinct_shards_and_every_result_is_recorded_once
     assert (r["results_acknowledged"], r["result_errors"]) == (CLIENTS, [])
     assert r["results_recorded"] == CLIENTS
     assert r["unavailable_errors"] == 0
+
+
+def test_the_server_declines_permessage_deflate(one_web_process: tuple[int, Proc]) -> None:
+    """Accepted, each socket would keep a 256 KB zlib compressor for messages of a few hundred
+    bytes: the web process's memory per client tripled (docs/operations.md, "Scale")."""
+    port, _ = one_web_process
+    with connect(f"ws://127.0.0.1:{port}/ws", compression="deflate") as ws:  # offers permessage-deflate
+        assert (
+            ws.request is not None and "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+        )
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
