@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 
 VERSION = "0.2.0"
-#: 2: ``register`` carries ``protocol_version`` and ``client_version``. (1: the specification's
-#: messages, without them.)
+#: 2: ``register`` carries ``protocol_version`` and ``client_version``; the server acknowledges
+#: every ``task_result`` (``result_accepted``), which the reference client waits for; a client
+#: may ``rotate_token``. (1: the specification's messages, without them.)
 PROTOCOL_VERSION = 2
 #: The oldest protocol this server still speaks.
 MIN_PROTOCOL_VERSION = 2
