@@ -36,6 +36,7 @@ import websocket  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.claim import claims_per_second  # noqa: E402
 from launch import free_port, request, start_gunicorn, start_worker, wait_for  # noqa: E402
 from store import schema  # noqa: E402
 
@@ -193,36 +194,8 @@ def bench_topology(n: int, web_workers: int, concurrency: int, run_dir: Path) ->
 
 def bench_bare_claim(rows: int = 20_000, claims: int = 5_000) -> dict:
     """The claim transaction alone, on the real schema's index, one connection."""
-    conn = pymysql.connect(host="127.0.0.1", user="root", database=DB, autocommit=False)
-    with conn.cursor() as cur:
-        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        cur.execute(
-            "INSERT INTO tasks (type, requirements, status, created_at, updated_at, num_shards) "
-            "VALUES ('bare', '{}', 'running', NOW(), NOW(), 1)"
-        )
-        task_id = cur.lastrowid
-        values = ",".join(
-            f"({task_id}, 0, {i}, 'queued', {i % 7}, 'bare', NOW(6), NOW(6))" for i in range(rows)
-        )
-        cur.execute(
-            "INSERT INTO task_shards (task_id, round, `rank`, status, priority, task_type, created_at, updated_at) "
-            f"VALUES {values}"
-        )
-        conn.commit()
-        cur.execute("ANALYZE TABLE task_shards")
-        cur.fetchall()
-        t0 = time.perf_counter()
-        for _ in range(claims):
-            cur.execute(
-                "SELECT id FROM task_shards WHERE status = 'queued' ORDER BY priority DESC, id "
-                "LIMIT 1 FOR UPDATE SKIP LOCKED"
-            )
-            (shard_id,) = cur.fetchone()
-            cur.execute("UPDATE task_shards SET status = 'assigned' WHERE id = %s", (shard_id,))
-            conn.commit()
-        elapsed = time.perf_counter() - t0
-    conn.close()
-    return {"bare_claims_per_s": claims / elapsed, "bare_claim_ms": elapsed / claims * 1000}
+    rate = claims_per_second(DB, rows, claims)
+    return {"bare_claims_per_s": rate, "bare_claim_ms": 1000 / rate}
 
 
 def main() -> int:

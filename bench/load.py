@@ -47,6 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.claim import claims_per_second  # noqa: E402
 from launch import Proc, free_port, request, start_gunicorn, start_worker, wait_for  # noqa: E402
 from store import schema  # noqa: E402
 from training.version import PROTOCOL_VERSION, VERSION  # noqa: E402
@@ -450,42 +451,7 @@ def reference_celery(redis_url: str, n: int = 2000) -> dict[str, Any]:
 
 def reference_claim(database_url: str, rows: int = 100_000, claims: int = 3000) -> dict[str, Any]:
     """``SELECT ... FOR UPDATE SKIP LOCKED`` + ``UPDATE`` + ``COMMIT`` on the real index, one connection."""
-    database = database_url.rsplit("/", 1)[1]
-    conn = pymysql.connect(host="127.0.0.1", user="root", database=database, autocommit=False)
-    with conn.cursor() as cur:
-        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        cur.execute(
-            "INSERT INTO tasks (type, requirements, status, created_at, updated_at, num_shards) "
-            "VALUES ('bare', '{}', 'running', NOW(), NOW(), 1)"
-        )
-        task_id = cur.lastrowid
-        for start in range(0, rows, 10_000):
-            values = ",".join(
-                f"({task_id}, 0, {i}, 'queued', {i % 7}, 'bare', NOW(6), NOW(6))"
-                for i in range(start, start + 10_000)
-            )
-            cur.execute(
-                "INSERT INTO task_shards (task_id, round, `rank`, status, priority, task_type, created_at, "
-                f"updated_at) VALUES {values}"
-            )
-        conn.commit()
-        cur.execute("ANALYZE TABLE task_shards")
-        cur.fetchall()
-        t0 = time.perf_counter()
-        for _ in range(claims):
-            cur.execute(
-                "SELECT id FROM task_shards WHERE status = 'queued' ORDER BY priority DESC, id "
-                "LIMIT 1 FOR UPDATE SKIP LOCKED"
-            )
-            (shard_id,) = cur.fetchone()
-            cur.execute("UPDATE task_shards SET status = 'assigned' WHERE id = %s", (shard_id,))
-            conn.commit()
-        elapsed = time.perf_counter() - t0
-        cur.execute("DELETE FROM task_shards WHERE task_id = %s", (task_id,))
-        cur.execute("DELETE FROM tasks WHERE id = %s", (task_id,))
-        conn.commit()
-    conn.close()
-    return {"claims_per_s": claims / elapsed}
+    return {"claims_per_s": claims_per_second(database_url.rsplit("/", 1)[1], rows, claims)}
 
 
 ECHO_APP = textwrap.dedent(
