@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 import server_settings
 from app import validation
-from app.api import assignment_json, client_json, iso
+from app.api import assignment_json, client_json, iso, task_json
 from app.auth import admin_required, bearer, db
 from app.errors import ApiError
 from store import clients as client_store
@@ -190,16 +190,16 @@ def rounds_done(task: Task, done: int) -> dict[str, Any]:
     }
 
 
+#: The fields of a task list row, taken from the REST API's task (``task_json``).
+SUMMARY_FIELDS = (
+    "id", "type", "status", "status_reason", "priority", "num_shards", "created_at", "updated_at",
+)  # fmt: skip
+
+
 def task_summary(task: Task, done: int, last: dict[str, Any] | None) -> dict[str, Any]:
+    full = task_json(task)
     return {
-        "id": task.id,
-        "type": task.type,
-        "status": task.status,
-        "status_reason": task.status_reason,
-        "priority": task.priority,
-        "num_shards": task.num_shards,
-        "created_at": iso(task.created_at),
-        "updated_at": iso(task.updated_at),
+        **{key: full[key] for key in SUMMARY_FIELDS},
         "last_accuracy": (last or {}).get("test_accuracy"),
         **rounds_done(task, done),
     }
