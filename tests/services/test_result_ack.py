@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +181,15 @@ def lock_waits(db: Database) -> int:
     )
 
 
+def longest_lock_wait(db: Database) -> int:
+    """Seconds the longest-waiting transaction has waited for a row lock (0 when none waits)."""
+    query = (
+        "SELECT COALESCE(MAX(TIMESTAMPDIFF(SECOND, trx_wait_started, NOW())), 0) "
+        "FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+    )
+    return int(rows(db, query)[0][0])
+
+
 def test_a_burst_of_results_closing_at_once_is_recorded_in_full_on_a_pool_of_two(
     small_pool: int, db: Database, mysql_url: str
 ) -> None:
@@ -205,7 +213,8 @@ def test_a_burst_of_results_closing_at_once_is_recorded_in_full_on_a_pool_of_two
             c.result(held[c.client_id], score=1.0)
             c.close()
         wait_for(lambda: lock_waits(db) >= 2, 60, 0.1, "the first results waiting for the lock")
-        time.sleep(7.0)  # longer than the pool's 5 s timeout: the old failure's condition
+        # The old failure's condition: the lock held past the pool's 5 s checkout timeout.
+        wait_for(lambda: longest_lock_wait(db) >= 7, 60, 0.2, "a lock wait past the pool's timeout")
         blocker.commit()
 
         recorded = "SELECT COUNT(*) FROM task_assignments WHERE task_id = :t AND status = 'completed'"
