@@ -115,6 +115,12 @@ def _message_schema(schema: dict[str, Any], *, reconnect: bool = False) -> None:
         schema["dependentRequired"] = {"client_id": ["token"], "token": ["client_id"]}
 
 
+class ClientMessage(Model):
+    """A message a client sends; in its JSON Schema, ``type`` is required."""
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
+
+
 class CpuInfo(Model):
     model_config = ConfigDict(extra="allow")
     cores: Annotated[int, Field(ge=1, le=4096, description="an integer in 1..4096"), Whole]
@@ -186,7 +192,7 @@ UtilizationField = Annotated[
 ]
 
 
-class Register(Model):
+class Register(ClientMessage):
     """The first message on every connection; ``client_id`` and ``token`` only to reconnect."""
 
     model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema, reconnect=True))
@@ -233,19 +239,17 @@ class Register(Model):
         )
 
 
-class TaskRequest(Model):
+class TaskRequest(ClientMessage):
     """Ask for work; the server answers with ``task`` now or when fitting work appears."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_request"
     type: Literal["task_request"] = "task_request"
     client_id: ShortText | None = None
 
 
-class TaskProgress(Model):
+class TaskProgress(ClientMessage):
     """Progress of a task this client holds."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_progress"
     type: Literal["task_progress"] = "task_progress"
     task_id: TaskId
@@ -255,10 +259,9 @@ class TaskProgress(Model):
     utilization: UtilizationField = None
 
 
-class TaskResult(Model):
+class TaskResult(ClientMessage):
     """The result of a task this client holds; a federated round uploads its update first."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "task_result"
     type: Literal["task_result"] = "task_result"
     task_id: TaskId
@@ -273,20 +276,18 @@ class TaskResult(Model):
         return text[:ERROR_TEXT_MAX] if text else None
 
 
-class Heartbeat(Model):
+class Heartbeat(ClientMessage):
     """A sign of life between tasks, with the client's resource use."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "heartbeat"
     type: Literal["heartbeat"] = "heartbeat"
     utilization: UtilizationField = None
 
 
-class RotateToken(Model):
+class RotateToken(ClientMessage):
     """Replace this client's token with a new one, sent back in ``token_rotated``; the old one
     stops working at once. The connection stays registered."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: _message_schema(schema))
     TYPE: ClassVar[str] = "rotate_token"
     type: Literal["rotate_token"] = "rotate_token"
 
