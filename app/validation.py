@@ -10,6 +10,7 @@ further by training/spec.py.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, Literal, NotRequired, Required
 
@@ -211,6 +212,7 @@ _ADAPTERS: dict[Any, TypeAdapter[Any]] = {
 }
 
 
+@functools.cache
 def _schema(kind: Any) -> dict[str, Any]:
     return _ADAPTERS[kind].json_schema()
 
