@@ -25,6 +25,7 @@ from app import (
     dashboard,
     errors,
     events,
+    jobs,
     metrics,
     models_api,
     openapi,
@@ -32,6 +33,7 @@ from app import (
     validation,
 )
 from app.hub import Hub
+from app.intake import Intake
 from app.ws import Connection, origin_allowed
 from store import clients
 from store.bus import Bus, LocalBus, RedisBus, set_bus
@@ -64,7 +66,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     set_db(db)  # workers in this process (embedded mode) use the same engine
     bus = RedisBus(settings.REDIS_URL) if settings.REDIS_URL else LocalBus()
     set_bus(bus)
-    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL)
+    intake = Intake(db, max_tasks=settings.MAX_TASKS_PER_CLIENT, written=jobs.request_schedule)
+    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL, intake=intake)
     app.extensions["aifarm.db"] = db
     app.extensions["aifarm.hub"] = hub
 

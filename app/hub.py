@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from app.intake import Intake
 from store import assignments, clients
 from store.bus import Bus
 from store.db import Database
@@ -41,10 +42,11 @@ CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server
 
 
 class Hub:
-    def __init__(self, db: Database, bus: Bus, *, interval: float) -> None:
+    def __init__(self, db: Database, bus: Bus, *, interval: float, intake: Intake) -> None:
         self.db = db
         self.bus = bus
         self.interval = interval
+        self.intake = intake  # task_request writes, many sockets per transaction
         self._conns: dict[str, Connection] = {}
         self._lock = threading.Lock()
         self._pending: set[str] = set()

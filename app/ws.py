@@ -309,16 +309,9 @@ class Connection:
             raise ProtocolError(
                 "unavailable", "the broker is unavailable; nothing was changed, try again shortly"
             )
-        client_id = self.client_id
-        assert client_id is not None
-        ok = self.db.run(
-            lambda s: clients.request_work(
-                s, client_id, self.conn_id, utcnow(), max_tasks=self.settings.MAX_TASKS_PER_CLIENT
-            )
-        )
-        if not ok:
+        assert self.client_id is not None
+        if not self.hub.intake.request(self.client_id, self.conn_id, timeout=self.db.queue_timeout):
             raise ProtocolError("client_disabled", "an admin disabled this client; it gets no work")
-        jobs.request_schedule()
 
     def _find(self, task_id: int, round_no: int | None) -> int:
         """The assignment id a progress or result refers to, from what this client was sent."""

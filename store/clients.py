@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -134,23 +135,51 @@ def disconnect(
         )
 
 
-def request_work(s: Session, client_id: str, conn_id: str, now: datetime, *, max_tasks: int) -> bool:
-    """Remember a ``task_request`` (up to MAX_TASKS_PER_CLIENT outstanding). False if not allowed."""
-    done = affected(
-        s.execute(
-            update(Client)
-            .where(Client.id == client_id, Client.conn_id == conn_id, Client.disabled.is_(False))
-            .values(
-                pending_requests=case(
-                    (Client.pending_requests < max_tasks, Client.pending_requests + 1), else_=max_tasks
-                ),
-                requested_at=func.coalesce(Client.requested_at, now),
-                last_seen=now,
+def request_work_batch(
+    s: Session, requests: Sequence[tuple[str, str]], now: datetime, *, max_tasks: int
+) -> set[str]:
+    """Remember ``task_request`` messages, as (client id, conn id) pairs, in one transaction
+    (the web tier's group commit). Each raises the client's ``pending_requests`` by one, up to
+    MAX_TASKS_PER_CLIENT. Returns the conn ids that were allowed: a request is refused when the
+    client is disabled or the connection is no longer the client's current one.
+
+    One UPDATE per distinct number of requests per connection (nearly always just one)."""
+    counts = Counter(requests)
+    by_count: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for pair, n in counts.items():
+        by_count[n].append(pair)
+
+    def mine(chunk: Sequence[tuple[str, str]]) -> Any:
+        # conn ids are unique: the id test only keeps a connection to its own client
+        ids, conns = [c for c, _ in chunk], [k for _, k in chunk]
+        return Client.id.in_(ids) & Client.conn_id.in_(conns) & Client.disabled.is_(False)
+
+    for n, pairs in sorted(by_count.items()):
+        for start in range(0, len(pairs), 500):
+            chunk = pairs[start : start + 500]
+            s.execute(
+                update(Client)
+                .where(mine(chunk))
+                .values(
+                    pending_requests=case(
+                        (Client.pending_requests + n < max_tasks, Client.pending_requests + n),
+                        else_=max_tasks,
+                    ),
+                    requested_at=func.coalesce(Client.requested_at, now),
+                    last_seen=now,
+                )
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
+    accepted: set[str] = set()
+    pairs = list(counts)
+    for start in range(0, len(pairs), 500):
+        chunk = pairs[start : start + 500]
+        accepted.update(
+            conn_id
+            for client_id, conn_id in s.execute(select(Client.id, Client.conn_id).where(mine(chunk)))
+            if conn_id is not None and (client_id, conn_id) in counts
         )
-    )
-    return done == 1
+    return accepted
 
 
 def touch(s: Session, conn_ids: Sequence[str], now: datetime) -> set[str]:

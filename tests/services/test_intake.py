@@ -1,0 +1,138 @@
+"""The web tier's ``task_request`` group commit (app/intake.py) on MariaDB: requests that arrive
+while a batch is written go together in the next transaction, and each still gets its own
+answer: accepted, refused (disabled client, superseded connection), or the database's error."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import update
+
+from app.intake import Intake
+from store import clients
+from store.db import Database, Unavailable
+from store.models import Client, utcnow
+from tests.conftest import mysql_connect, rows
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+HW = clients.Hardware(
+    cpu_info={"cores": 2}, ram_info={"total_gb": 4}, gpu_info=[], cores=2, ram_gb=4.0, gpu_count=0,
+    gpu_memory_gb=0.0, task_types=None,
+)  # fmt: skip
+
+
+def connected(db: Database, n: int) -> list[tuple[str, str]]:
+    """``n`` registered clients, each on its own connection: (client id, conn id)."""
+    made = []
+    for _ in range(n):
+        conn_id = uuid.uuid4().hex
+        cid, _, _ = db.run(
+            lambda s, c=conn_id: clients.connect(
+                s, HW, None, None, c, utcnow(), max_clients=1000, remote="127.0.0.1"
+            )
+        )
+        made.append((cid, conn_id))
+    return made
+
+
+class Rings:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_requests_that_arrive_during_a_write_share_the_next_transaction(db: Database) -> None:
+    pairs = connected(db, 40)
+    rings = Rings()
+    intake = Intake(db, max_tasks=3, written=rings)
+    # The first request's transaction waits on a row lock held elsewhere, so the other 39
+    # arrive while it is being written; they must go in one transaction after it.
+    blocker = mysql_connect(db.engine.url.database)
+    blocker.begin()
+    with blocker.cursor() as cur:
+        cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (pairs[0][0],))
+    answers: dict[str, bool] = {}
+
+    def ask(cid: str, conn: str) -> None:
+        answers[cid] = intake.request(cid, conn, timeout=30)
+
+    first = threading.Thread(target=ask, args=pairs[0])
+    first.start()
+    wait_for(lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken")
+    rest = [threading.Thread(target=ask, args=p) for p in pairs[1:]]
+    for t in rest:
+        t.start()
+    wait_for(lambda: len(intake._gathered) == 39, 10, what="39 requests gathered")
+    blocker.rollback()
+    blocker.close()
+    for t in [first, *rest]:
+        t.join(30)
+    assert answers == {cid: True for cid, _ in pairs}
+    assert (intake.batches, intake.requests) == (2, 40)
+    assert rings.count == 2  # one scheduling ring per transaction, not per request
+    assert rows(
+        db, "SELECT COUNT(*) FROM clients WHERE pending_requests = 1 AND requested_at IS NOT NULL"
+    ) == [(40,)]
+
+
+def test_each_request_of_a_batch_gets_its_own_answer(db: Database) -> None:
+    (ok, disabled, moved, eager) = connected(db, 4)
+    db.run(lambda s: clients.set_disabled(s, disabled[0], True, utcnow(), max_attempts=3))
+    db.run(  # the client connected again elsewhere: this connection is no longer its own
+        lambda s: s.execute(update(Client).where(Client.id == moved[0]).values(conn_id="elsewhere"))
+    )
+    rings = Rings()
+    intake = Intake(db, max_tasks=3, written=rings)
+    blocker = mysql_connect(db.engine.url.database)
+    blocker.begin()
+    with blocker.cursor() as cur:  # hold the writer on a first batch while the others gather
+        cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (ok[0],))
+    answers: list[tuple[str, bool]] = []
+    threads = [threading.Thread(target=lambda p=p: answers.append((p[0], intake.request(*p, timeout=30))))
+               for p in [ok, disabled, moved, eager, eager, eager, eager, eager]]  # fmt: skip
+    threads[0].start()
+    wait_for(lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken")
+    for t in threads[1:]:
+        t.start()
+    wait_for(lambda: len(intake._gathered) == 7, 10, what="7 requests gathered")
+    blocker.rollback()
+    blocker.close()
+    for t in threads:
+        t.join(30)
+    by_client: dict[str, list[bool]] = {}
+    for cid, answer in answers:
+        by_client.setdefault(cid, []).append(answer)
+    assert by_client == {ok[0]: [True], disabled[0]: [False], moved[0]: [False], eager[0]: [True] * 5}
+    pending = dict(rows(db, "SELECT id, pending_requests FROM clients"))
+    # five requests of one connection in one batch count up to MAX_TASKS_PER_CLIENT, no further
+    assert pending == {ok[0]: 1, disabled[0]: 0, moved[0]: 0, eager[0]: 3}
+
+
+def test_every_request_of_a_batch_gets_the_outage_when_the_database_is_down(db: Database) -> None:
+    down = Database("mysql+pymysql://root@127.0.0.1:1/nowhere", pool_size=2, timeout=2)
+    rings = Rings()
+    intake = Intake(down, max_tasks=3, written=rings)
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            intake.request(f"c{i}", f"k{i}", timeout=30)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 10 and all(isinstance(e, Unavailable) for e in errors), errors
+    assert rings.count == 0  # nothing committed: no scheduling run asked for
+    with pytest.raises(Unavailable):  # the writer outlived the outage: it answers the next one too
+        intake.request("c0", "k0", timeout=30)
+    assert intake._writer is not None and intake._writer.is_alive()
