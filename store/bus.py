@@ -19,7 +19,7 @@ import server_settings
 log = logging.getLogger(__name__)
 
 CHANNEL = "aifarm:doorbell"
-SCHEDULE_PENDING = "aifarm:schedule:pending"  # set while a scheduling run is queued
+SCHEDULE_PENDING = "aifarm:schedule:pending"  # set while a scheduling run is queued or owed
 Listener = Callable[[list[str] | None], None]  # None: every local client
 
 
@@ -32,6 +32,10 @@ class Bus:
         raise NotImplementedError
 
     def clear_flag(self, name: str) -> None:
+        raise NotImplementedError
+
+    def is_set(self, name: str) -> bool:
+        """Whether flag ``name`` is set (False when it cannot be told)."""
         raise NotImplementedError
 
     def listen(self, listener: Listener) -> None:
@@ -60,6 +64,10 @@ class LocalBus(Bus):
     def clear_flag(self, name: str) -> None:
         with self._flag_lock:
             self._flags.pop(name, None)
+
+    def is_set(self, name: str) -> bool:
+        with self._flag_lock:
+            return self._flags.get(name, 0.0) > time.monotonic()
 
     def publish(self, client_ids: Iterable[str] | None) -> None:
         ids = None if client_ids is None else list(client_ids)
@@ -110,6 +118,12 @@ class RedisBus(Bus):
             self._redis.delete(name)
         except Exception as error:  # the flag expires on its own
             log.warning("event=flag_clear state=failed error=%s", type(error).__name__)
+
+    def is_set(self, name: str) -> bool:
+        try:
+            return bool(self._redis.exists(name))
+        except Exception:  # beat's scheduling pass looks again anyway
+            return False
 
     def listen(self, listener: Listener) -> None:
         thread = threading.Thread(target=self._listen_forever, args=(listener,), daemon=True, name="doorbell")

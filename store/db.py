@@ -33,6 +33,7 @@ from store.models import Base
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_local_locks: dict[str, threading.Lock] = {}  # Database.exclusive without MariaDB
 QUEUE_TIMEOUT = 60.0  # seconds a transaction waits for its turn (see the module's docstring)
 
 
@@ -263,6 +264,41 @@ class Database:
                             attempt, _errno(error.__cause__ or error))  # fmt: skip
                 time.sleep(random.uniform(0.05, 0.2) * attempt)
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Hold the named lock ``name`` for the block, without waiting for it: yields whether
+        this caller got it (False: someone else holds it now).
+
+        MariaDB: ``GET_LOCK(name, 0)`` on a connection of its own, held for the block; the
+        server releases it when the block ends, or when the holder's connection dies (a killed
+        worker does not keep it). SQLite (embedded, one process): a lock of this process."""
+        if not self.is_mysql:
+            lock = _local_locks.setdefault(name, threading.Lock())
+            got = lock.acquire(blocking=False)
+            try:
+                yield got
+            finally:
+                if got:
+                    lock.release()
+            return
+        try:
+            conn = self.engine.connect()
+            got = bool(conn.exec_driver_sql("SELECT GET_LOCK(%s, 0)", (name,)).scalar())
+        except exc.DBAPIError as error:
+            if is_outage(error):
+                raise Unavailable(f"database unavailable: {type(error).__name__}") from error
+            raise
+        try:
+            yield got
+        finally:
+            try:
+                if got:
+                    conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (name,))
+                conn.rollback()
+            except Exception:  # its lock may still be held: never hand this connection out again
+                conn.invalidate()
+            conn.close()
 
     def create_all(self) -> None:
         """Create missing tables from the models (SQLite and tests; MySQL uses schema.sql),

@@ -143,6 +143,7 @@ WAITING_COLUMNS = (
     Client.valid_results,
     Client.error_results,
     Client.timeouts,
+    Client.throughput,
 )
 SHARD_COLUMNS = (
     TaskShard.id,
@@ -287,7 +288,8 @@ def serve_batch(
         served.skipped = len(pairs) < len(matched.pairs)  # lost some: the caller looks again
     if not pairs:
         return served
-    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings)
+    throughput = {client.id: client.throughput for client in clients}
+    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings, throughput)
     got = Counter(client.id for client, _ in pairs)
     client_updates = []
     for client in clients:
@@ -306,19 +308,31 @@ def serve_batch(
 
 
 def write_assignments(
-    s: Session, pairs: Sequence[tuple[str, Any]], now: datetime, settings: server_settings.Settings = DEFAULTS
+    s: Session,
+    pairs: Sequence[tuple[str, Any]],
+    now: datetime,
+    settings: server_settings.Settings = DEFAULTS,
+    throughput: dict[str, float | None] | None = None,
 ) -> list[int]:
     """Record (client id, shard) pairs as assignments, each with its deadline: one INSERT, the
-    shards marked assigned, and their tasks started. Returns the assignment ids in order."""
-    tasks = {
-        row.id: (row.type, row.config or {})
-        for row in s.execute(
-            select(Task.id, Task.type, Task.config).where(Task.id.in_({shard.task_id for _, shard in pairs}))
+    shards marked assigned, and their tasks started. Returns the assignment ids in order.
+    ``throughput``: the clients' measured rates, when the caller read them already."""
+    tasks: dict[int, tuple[str, dict[str, Any]]] = {}
+    pending: list[int] = []
+    for row in s.execute(
+        select(Task.id, Task.type, Task.config, Task.status).where(
+            Task.id.in_({shard.task_id for _, shard in pairs})
         )
-    }
-    throughput = dict(
-        s.execute(select(Client.id, Client.throughput).where(Client.id.in_({cid for cid, _ in pairs}))).all()
-    )
+    ):
+        tasks[row.id] = (row.type, row.config or {})
+        if row.status == TaskState.PENDING:
+            pending.append(row.id)
+    if throughput is None:
+        throughput = dict(
+            s.execute(
+                select(Client.id, Client.throughput).where(Client.id.in_({cid for cid, _ in pairs}))
+            ).all()
+        )
 
     def deadline(client_id: str, task_id: int) -> datetime:
         task_type, task_config = tasks[task_id]
@@ -352,7 +366,7 @@ def write_assignments(
             for (_, shard), aid in zip(pairs, ids, strict=True)
         ],
     )
-    _start_tasks(s, pairs, now)
+    _start_tasks(s, pairs, pending, now)
     return ids
 
 
@@ -370,19 +384,20 @@ def timed_out_pairs(s: Session, shard_ids: Sequence[int]) -> set[tuple[str, int]
     }
 
 
-def _start_tasks(s: Session, pairs: Sequence[tuple[str, Any]], now: datetime) -> None:
-    """A task whose first shard went out is running; rank 0's holder is its ``client_id``."""
-    started = sorted({shard.task_id for _, shard in pairs})
-    s.execute(
-        update(Task)
-        .where(Task.id.in_(started), Task.status == TaskState.PENDING)
-        .values(
-            status=TaskState.RUNNING,
-            updated_at=now,
-            status_reason="running: its first shards were handed out",
+def _start_tasks(s: Session, pairs: Sequence[tuple[str, Any]], pending: list[int], now: datetime) -> None:
+    """A task whose first shard went out is running (``pending``: the tasks read as pending);
+    rank 0's holder is its ``client_id``."""
+    if pending:
+        s.execute(
+            update(Task)
+            .where(Task.id.in_(sorted(pending)), Task.status == TaskState.PENDING)
+            .values(
+                status=TaskState.RUNNING,
+                updated_at=now,
+                status_reason="running: its first shards were handed out",
+            )
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
-    )
     for client_id, shard in pairs:
         if shard.rank == 0:
             s.execute(

@@ -8,6 +8,8 @@ to send tasks by name without loading torch.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -54,27 +56,81 @@ def _now(now_ts: float | None) -> datetime:
 
 
 BATCH = 50  # waiting clients served per transaction
-SKIPPED_RETRY_S = 0.2  # when a run skipped locked rows, the next one starts after this
+SKIPPED_RETRY_S = 0.02  # when a pass skipped rows locked by someone else, it looks again after this
+SKIPPED_TRIES = 5  # ... this many times in a row; then a job looks again later
+SCHEDULE_LOCK = "aifarm_schedule"  # one scheduler at a time, across every worker
+HOLD_S = 10.0  # a scheduler hands over to a new job after this long (worker shutdown, fairness)
 
 
 @celery.task(name="workers.tasks.schedule", **RETRY)
 def schedule(self: Any) -> int:
-    """Serve waiting clients while fitting work is queued, a batch per transaction.
+    """Serve waiting clients while fitting work is queued (:func:`run_scheduler`)."""
+    return run_scheduler()
 
-    Requests arriving while this runs enqueue another run (the pending flag is cleared first),
-    so none is missed; beat runs it every SCHEDULE_INTERVAL as well.
+
+def run_scheduler() -> int:
+    """Serve waiting clients, one scheduler at a time (a named lock in the database).
+
+    Two schedulers at once only got in each other's way: each skipped the rows the other had
+    locked and had to look again. A job that finds the lock taken sets ``SCHEDULE_PENDING``
+    and ends; the holder clears that flag before each pass and, while it is set again (new
+    requests, released shards, a job that found the lock taken), makes another pass, and
+    looks at it once more after letting go, so no request is left unserved. Jobs that just
+    made work available (a new round's shards) call this inline. Returns assignments made.
     """
-    get_bus().clear_flag(SCHEDULE_PENDING)
-    return serve_waiting()
+    bus = get_bus()
+    db = get_db()
+    assigned = 0
+    while True:
+        with db.exclusive(SCHEDULE_LOCK) as mine:
+            if not mine:
+                bus.set_flag(SCHEDULE_PENDING, ttl=5.0)  # the holder makes one more pass
+                return assigned
+            assigned += _hold(bus)
+        if not bus.is_set(SCHEDULE_PENDING):
+            return assigned
 
 
-def serve_waiting() -> int:
-    """The body of ``schedule``; jobs that just made work available call it inline (one hop less)."""
+def _hold(bus: Any) -> int:
+    """Passes while the scheduler lock is held: until no pass is owed, or :data:`HOLD_S`."""
+    assigned = 0
+    skipped_in_a_row = 0
+    until = time.monotonic() + HOLD_S
+    while True:
+        bus.clear_flag(SCHEDULE_PENDING)
+        done = serve_waiting()
+        assigned += done.assigned
+        skipped_in_a_row = skipped_in_a_row + 1 if done.skipped and not done.assigned else 0
+        if time.monotonic() > until:
+            schedule.delay()  # a fresh job goes on (this one ends, so a worker can stop)
+            break
+        if done.more or bus.is_set(SCHEDULE_PENDING):
+            continue
+        if not done.skipped:
+            break
+        if skipped_in_a_row > SKIPPED_TRIES:  # someone holds rows for long: look again later
+            schedule.apply_async(countdown=0.5)
+            break
+        time.sleep(SKIPPED_RETRY_S)  # rows were locked for a moment: look again once free
+    if assigned:
+        log.info("task=schedule state=finish assigned=%d", assigned)
+    return assigned
+
+
+@dataclass
+class Pass:
+    assigned: int = 0
+    more: bool = False  # more clients wait than one pass serves
+    skipped: bool = False  # rows locked by someone else were skipped
+
+
+def serve_waiting() -> Pass:
+    """One pass: up to SCHEDULE_BATCH waiting clients, a batch per transaction. Call it with
+    the scheduler lock held (:func:`run_scheduler`)."""
     bus = get_bus()
     db = get_db()
     cfg = settings()
-    assigned = 0
-    skipped = False
+    done = Pass()
     for _ in range(max(1, cfg.SCHEDULE_BATCH // BATCH)):
         served = db.run(
             lambda s: scheduling.serve_batch(
@@ -87,8 +143,8 @@ def serve_waiting() -> int:
             )
         )
         bus.publish(sorted({cid for cid, _ in served.assignments}))
-        assigned += len(served.assignments)
-        skipped = skipped or served.skipped
+        done.assigned += len(served.assignments)
+        done.skipped = done.skipped or served.skipped
         for cid in served.starved:  # fit nothing in the window: the per-client claim looks deeper
 
             def fill(s: Session, cid: str = cid) -> list[int]:
@@ -102,18 +158,13 @@ def serve_waiting() -> int:
                 )
 
             if db.run(fill):
-                assigned += 1
+                done.assigned += 1
                 bus.publish([cid])
         if served.clients_seen < BATCH or not served.assignments:
             break
     else:
-        schedule.delay()  # more clients wait than one run serves
-    if skipped and bus.set_flag(SCHEDULE_PENDING, ttl=5.0):
-        # rows were locked by someone else for a moment: look again once they are free
-        schedule.apply_async(countdown=SKIPPED_RETRY_S)
-    if assigned:
-        log.info("task=schedule state=finish assigned=%d", assigned)
-    return assigned
+        done.more = True
+    return done
 
 
 @celery.task(name="workers.tasks.prepare_task", **RETRY)
@@ -194,7 +245,7 @@ def _fan_out(job_rel: str) -> None:
 def _completed(outcome: str, job: Job) -> str:
     log.info("event=aggregate_round task=%d round=%d outcome=%s", job["task_id"], job["round"], outcome)
     if outcome in ("next_round", "failed"):
-        serve_waiting()  # the next round's shards are queued: hand them out now
+        run_scheduler()  # the next round's shards are queued: hand them out now
     return outcome
 
 
