@@ -6,8 +6,11 @@ its client. Reconciling a client sends the difference: ``task`` for a new assign
 / ``resume`` when its task changed, ``stop`` for an assignment that is gone. The doorbell
 (Redis pub/sub, or a function call when embedded) asks for a reconcile of some clients now;
 every ``RECONCILE_INTERVAL`` seconds all local clients are reconciled anyway, so a lost ring
-delays a push but never loses it. The same periodic pass flushes batched progress and
-``last_seen`` in one transaction, and closes connections the database no longer knows.
+delays a push but never loses it; that pass goes a chunk of clients at a time, with rings
+served between chunks, so a push never waits behind thousands of sockets. Beside it, every
+``RECONCILE_INTERVAL`` seconds, a flush writes batched progress in one transaction and
+``last_seen`` in short ones (the scheduler skips locked client rows), and closes connections
+the database no longer knows.
 
 Before the process exits, :meth:`Hub.shutdown` closes every socket with 1012 (Service
 Restart), so clients reconnect (to another web process, or this one restarted) now, and
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FULL_PASS_CHUNK = 250  # clients reconciled per step of the periodic pass (rings go between steps)
+TOUCH_CHUNK = 500  # last_seen refreshed per transaction
 CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server restarts; reconnect
 
 
@@ -63,13 +68,15 @@ class Hub:
     # --- connections ---
 
     def start(self) -> None:
-        """Start the doorbell listener and the reconcile loop (once, in the serving process)."""
+        """Start the doorbell listener, the reconcile loop and the flush loop (once, in the
+        serving process)."""
         with self._lock:
             if self._started:
                 return
             self._started = True
         self.bus.listen(self.ring)
         threading.Thread(target=self._loop, daemon=True, name="hub").start()
+        threading.Thread(target=self._flush_loop, daemon=True, name="hub-flush").start()
 
     def attach(self, conn: Connection, *, reconnect: bool) -> None:
         """Hold a registered connection; a reconnecting client is reconciled at once (its work)."""
@@ -116,26 +123,41 @@ class Hub:
     # --- the loop ---
 
     def _loop(self) -> None:
+        """Serve rings as they come; every ``interval`` s reconcile every local client too, a
+        chunk at a time between rings, so a push never waits behind a pass over thousands."""
+        backlog: list[str] = []  # what is left of the periodic pass over every client
         next_full = time.monotonic() + self.interval
         while True:
-            self._wake.wait(timeout=max(0.0, next_full - time.monotonic()))
+            if not backlog:
+                self._wake.wait(timeout=max(0.0, next_full - time.monotonic()))
             self._wake.clear()
-            full = time.monotonic() >= next_full
             with self._lock:
-                ids = set(self._conns) if (full or self._everyone) else self._pending
-                self._pending = set()
-                self._everyone = False
-            try:
-                if full:
+                pending, self._pending = self._pending, set()
+                if self._everyone or time.monotonic() >= next_full:
+                    self._everyone = False
                     next_full = time.monotonic() + self.interval
-                    self.flush()
-                if ids:
-                    self.reconcile(sorted(ids))
+                    backlog = sorted(self._conns)
+            chunk, backlog = backlog[:FULL_PASS_CHUNK], backlog[FULL_PASS_CHUNK:]
+            ids = sorted(pending.union(chunk))
+            if not ids:
+                continue
+            try:
+                self.reconcile(ids)
             except Exception as error:  # the database may be down: keep serving, try again later
                 log.warning("event=hub_pass state=failed error=%s", type(error).__name__)
                 with self._lock:
                     self._pending.update(ids)
                 time.sleep(min(self.interval, 1.0))
+
+    def _flush_loop(self) -> None:
+        """Every ``interval`` s write batched progress and last_seen (:meth:`flush`), beside the
+        reconcile loop rather than in it."""
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.flush()
+            except Exception as error:  # the database may be down: what was not written is kept
+                log.warning("event=hub_flush state=failed error=%s", type(error).__name__)
 
     def reconcile(self, client_ids: list[str]) -> None:
         if len(self._specs) > 10_000:
@@ -171,19 +193,28 @@ class Hub:
         conn_ids = [c.conn_id for c in conns]
         now = utcnow()
 
-        def write(s: Session) -> set[str]:
+        def write(s: Session) -> None:
             if progress:
                 assignments.record_progress(s, progress, now)
             clients.record_utilization(s, utilization, now)
-            return clients.touch(s, conn_ids, now) if conn_ids else set()
 
         try:
-            alive = self.db.run(write, first=True)
+            self.db.run(write, first=True)
         except Exception:
             with self._lock:  # kept, unless a newer report of the same assignment came meanwhile
                 for aid, value_metrics in latest.items():
                     self._left.setdefault(aid, value_metrics)
             raise
+        # last_seen: a short transaction per chunk, so that the client rows are never locked
+        # long (the scheduler skips locked rows: a long lock here would delay assignments)
+        alive: set[str] = set()
+        for start in range(0, len(conn_ids), TOUCH_CHUNK):
+            chunk = conn_ids[start : start + TOUCH_CHUNK]
+
+            def touch(s: Session, chunk: list[str] = chunk) -> set[str]:
+                return clients.touch(s, chunk, now)
+
+            alive |= self.db.run(touch, first=True)
         for conn in conns:
             if conn.conn_id not in alive:
                 conn.close_superseded()
