@@ -1,7 +1,8 @@
 """Load benchmark: many real WebSocket clients against the production topology, in one run.
 
     .venv/bin/python bench/load.py [--clients 1000] [--drivers 2] [--web-workers 1]
-                                   [--progress-seconds 10] [--progress-rate 20000] [--no-reference]
+                                   [--progress-seconds 10] [--progress-rate 20000] [--steady-rate 500]
+                                   [--steady-seconds 6] [--heartbeat 5] [--no-reference]
 
 Starts, on this machine: gunicorn (gevent workers, ``WEB_CONCURRENCY``), a Celery worker
 (prefork), on MariaDB (its own database ``aifarm_load``) and Redis (db 12). The clients are
@@ -12,7 +13,10 @@ asyncio ``websockets`` connections, spread over ``--drivers`` processes. Phases:
 3. every client sends task_progress for a while         -> progress messages/s ingested by the web
    tier (its own counter, aifarm_ws_messages_total), and the latest progress is in MySQL
 4. every client sends its task_result and waits for result_accepted -> every result recorded once
-5. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
+5. steady requests: clients send task_request at ``--steady-rate`` per second in all (each client
+   once, evenly spaced) while every connected client sends a heartbeat every ``--heartbeat`` s
+   -> request->task p50/p99 at that rate
+6. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
    trip), a MariaDB SKIP LOCKED claim loop (one connection), and a bare flask-sock echo under
    gunicorn's gevent worker (idle memory per socket, echo messages/s with 100 sockets).
 
@@ -203,6 +207,59 @@ class Driver:
         await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
         return {"acks": acks, "errors": errors, "latencies": latencies}
 
+    async def steady(self, start_at: float, rate: float, count: int, heartbeat: float) -> dict[str, Any]:
+        """``count`` of this driver's clients each send one task_request, ``rate`` per second
+        in all (evenly spaced), while every socket sends a heartbeat every ``heartbeat`` s."""
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        latencies: list[float] = []
+        errors: list[str] = []
+        shards: list[tuple[int, int, int]] = []
+        timeline: list[tuple[float, float]] = []  # (answered at, latency)
+        beating = True
+
+        async def beat(ws: ClientConnection, offset: float) -> None:
+            await asyncio.sleep(offset)
+            while beating:
+                with contextlib.suppress(Exception):
+                    await ws.send('{"type": "heartbeat"}')
+                await asyncio.sleep(heartbeat)
+
+        async def ask(ws: ClientConnection) -> None:
+            sent = time.perf_counter()
+            try:
+                reply = await asyncio.wait_for(
+                    self._call(ws, {"type": "task_request"}, "task"), PHASE_TIMEOUT
+                )
+            except Exception as error:
+                errors.append(type(error).__name__)
+                return
+            if reply["type"] == "error":
+                errors.append(reply.get("code", "?"))
+                return
+            latencies.append(time.perf_counter() - sent)
+            timeline.append((time.time(), latencies[-1]))
+            shards.append((reply["data"]["id"], reply["data"]["round"], reply["data"]["rank"]))
+
+        n = len(self.socks)
+        beats = (
+            [asyncio.create_task(beat(ws, i * heartbeat / n)) for i, ws in enumerate(self.socks)]
+            if heartbeat > 0
+            else []
+        )
+        asks = []
+        t0 = time.perf_counter()
+        for i, ws in enumerate(self.socks[:count]):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            asks.append(asyncio.create_task(ask(ws)))
+        offered_s = time.perf_counter() - t0
+        await asyncio.gather(*asks)
+        beating = False
+        for b in beats:
+            b.cancel()
+        await asyncio.gather(*beats, return_exceptions=True)
+        return {"latencies": latencies, "errors": errors, "shards": shards, "offered_s": offered_s,
+                "timeline": timeline}  # fmt: skip
+
     async def close(self) -> dict[str, Any]:
         await asyncio.gather(*(ws.close() for ws in self.socks), return_exceptions=True)
         return {}
@@ -249,6 +306,13 @@ class Drivers:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+
+
+def _split(total: int, n: int) -> list[range]:
+    """``total`` items over ``n`` parts, as even as can be (the drivers' shares)."""
+    sizes = [total // n + (1 if i < total % n else 0) for i in range(n)]
+    starts = [sum(sizes[:i]) for i in range(n)]
+    return [range(a, a + b) for a, b in zip(starts, sizes, strict=True)]
 
 
 # --- the server side ---
@@ -345,6 +409,9 @@ def run_load(
     progress_rate: float = 20000.0,
     token: str = ADMIN,
     ack_timeout: float = PHASE_TIMEOUT,
+    steady_rate: float = 500.0,
+    steady_seconds: float = 6.0,
+    heartbeat: float = 5.0,
 ) -> dict[str, Any]:
     """Drive ``clients`` clients against a running stack; returns the figures and the checks."""
     out: dict[str, Any] = {"clients": clients, "drivers": drivers}
@@ -407,6 +474,26 @@ def run_load(
         ack_latencies = [x for r in res for x in r["latencies"]]
         out["result_ack_p50_ms"] = pct(ack_latencies, 0.5) * 1000
         out["result_ack_p99_ms"] = pct(ack_latencies, 0.99) * 1000
+        # 5. steady requests while every client is connected and sends heartbeats
+        if steady_seconds > 0:
+            count = min(out["registered"], int(steady_rate * steady_seconds))
+            queue_shards(port, count, token, database_url)
+            shares = [len(r) for r in _split(count, drivers)]
+            for pipe, share in zip(group.pipes, shares, strict=True):
+                pipe.send(("steady", (time.time() + 0.5, steady_rate * share / count, share, heartbeat)))
+            steady = [pipe.recv() for pipe in group.pipes]
+            latencies = [x for r in steady for x in r["latencies"]]
+            out["steady_requests"] = count
+            out["steady_rate_offered"] = count / max(r["offered_s"] for r in steady)
+            out["steady_assigned"] = len(latencies)
+            out["steady_errors"] = [e for r in steady for e in r["errors"]]
+            out["steady_p50_ms"] = pct(latencies, 0.5) * 1000
+            out["steady_p99_ms"] = pct(latencies, 0.99) * 1000
+            out["steady_max_ms"] = max(latencies, default=float("nan")) * 1000
+            out["heartbeat_s"] = heartbeat
+            out["steady_timeline"] = sorted(x for r in steady for x in r["timeline"])
+            steady_shards = [tuple(x) for r in steady for x in r["shards"]]
+            out["shards_given_twice"] += len(steady_shards) - len(set(steady_shards))
         group.all("close")
     finally:
         group.stop()
@@ -550,6 +637,11 @@ def report(r: dict[str, Any]) -> str:
         f"{r.get('progress_per_s', 0):.0f} | 10,000; bare echo {r.get('echo_messages_per_s', float('nan')):.0f} msg/s |",
         f"| task_result -> result_accepted p50 / p99 | {r['result_ack_p50_ms']:.0f} ms / "
         f"{r['result_ack_p99_ms']:.0f} ms | |",
+        f"| task_request -> task at a steady {r.get('steady_rate_offered', 0):.0f}/s "
+        f"({r.get('steady_requests', 0)} requests; all {r['registered']} clients connected, a heartbeat "
+        f"every {r.get('heartbeat_s', 0):.0f} s each): p50 / p99 / max | {r.get('steady_p50_ms', float('nan')):.1f} ms / "
+        f"{r.get('steady_p99_ms', float('nan')):.1f} ms / {r.get('steady_max_ms', float('nan')):.0f} ms | "
+        f"p99 < 25 ms at 500/s; Celery no-op round trip p50 {r.get('celery_rtt_p50_ms', float('nan')):.1f} ms |",
         f"| reference: Celery no-op enqueue / completion / round trip p50 | "
         f"{r.get('celery_enqueue_per_s', float('nan')):.0f}/s / {r.get('celery_noop_per_s', float('nan')):.0f}/s / "
         f"{r.get('celery_rtt_p50_ms', float('nan')):.1f} ms | |",
@@ -557,7 +649,8 @@ def report(r: dict[str, Any]) -> str:
         f"checks: shards given twice {r['shards_given_twice']}, held twice {r['shards_held_twice']}; "
         f"results acknowledged {r['results_acknowledged']}, recorded {r['results_recorded']} of {r['assigned']}; "
         f"errors: register {len(r['register_errors'])}, burst {len(r['burst_errors'])}, "
-        f"results {sorted(set(r['result_errors']))} x{len(r['result_errors'])}; "
+        f"results {sorted(set(r['result_errors']))} x{len(r['result_errors'])}, "
+        f"steady {sorted(set(r.get('steady_errors', [])))} x{len(r.get('steady_errors', []))}; "
         f"'unavailable' answered {r['unavailable_errors']:.0f}",
     ]
     return "\n".join(lines)
@@ -576,6 +669,9 @@ def main() -> int:
     parser.add_argument(
         "--ack-timeout", type=float, default=PHASE_TIMEOUT, help="seconds a client waits for result_accepted"
     )
+    parser.add_argument("--steady-rate", type=float, default=500.0, help="task_request/s in the steady phase")
+    parser.add_argument("--steady-seconds", type=float, default=6.0, help="0: no steady phase")
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between a client's heartbeats")
     parser.add_argument("--database", default=DB)
     parser.add_argument("--redis", default=REDIS)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference figures")
@@ -594,7 +690,8 @@ def main() -> int:
     try:
         results = run_load(port, web, database_url, clients=args.clients, drivers=args.drivers,
                            progress_seconds=args.progress_seconds, progress_rate=args.progress_rate,
-                           ack_timeout=args.ack_timeout)  # fmt: skip
+                           ack_timeout=args.ack_timeout, steady_rate=args.steady_rate,
+                           steady_seconds=args.steady_seconds, heartbeat=args.heartbeat)  # fmt: skip
         if not args.no_reference:
             results.update(reference_celery(args.redis))
     finally:
