@@ -23,7 +23,7 @@ from tests.services.test_federated import fetch_model, upload
 class Topology:
     """gunicorn on a Redis of our own; each test starts the workers and the beat it needs."""
 
-    def __init__(self, mysql_url: str, run_dir: Path) -> None:
+    def __init__(self, mysql_url: str, run_dir: Path, **env: str) -> None:
         self.run_dir = run_dir
         self.broker = RedisServer(free_port(), run_dir)
         self.broker.start()
@@ -35,6 +35,7 @@ class Topology:
             SCHEDULE_INTERVAL="3600",
             CONNECTION_TIMEOUT="3600",
             DB_TIMEOUT="60",  # a job waits on a test's lock instead of timing out and retrying
+            **env,
         )
         self.port = free_port()
         self.web = start_gunicorn(self.env, self.port, run_dir / "procs", workers=1)
