@@ -12,12 +12,35 @@ import sys
 bind = f"{os.environ.get('SERVER_HOST', '0.0.0.0')}:{os.environ.get('SERVER_PORT', '8000')}"
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
+# 10,000 volunteers on one process, and room beside them for the API, the dashboard and health checks
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "12000"))
 graceful_timeout = 10
 accesslog = None  # the app writes LOG_DIR/access.log itself
 
 
+def raise_open_files(needed: int) -> tuple[int, int]:
+    """Raise this process's open-files soft limit to ``needed`` (the workers it forks inherit
+    it), as far as the hard limit allows; say so in one line when that is not far enough.
+    Every WebSocket is a file descriptor. Returns the (soft, hard) limits now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft < needed:
+        print(
+            f"gunicorn.conf.py: open-files limit {soft} is below WORKER_CONNECTIONS + 200 = {needed}: "
+            "a process refuses sockets beyond it; raise the hard limit (ulimit -Hn, LimitNOFILE=, "
+            "ulimits: nofile)",
+            file=sys.stderr,
+        )
+    return soft, hard
+
+
 def on_starting(server):
+    raise_open_files(worker_connections + 200)  # sockets, plus database, Redis and log files
     # Counters and histograms of every worker go to one folder of this master's, emptied now,
     # which each worker's GET /metrics merges (prometheus_client's multiprocess mode; the
     # environment variable must be set before the workers import prometheus_client).

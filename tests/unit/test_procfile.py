@@ -192,3 +192,40 @@ def test_make_up_gives_the_processes_docker_s_grace() -> None:
 def test_the_build_context_leaves_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "logs", "checkpoints", "bench/out", ".env"} <= ignored
+
+
+def test_the_web_service_may_open_a_file_for_every_socket_gunicorn_allows() -> None:
+    """docs/operations.md, "Scale": a WebSocket is a file descriptor."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
+    assert spec is not None and spec.loader is not None
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    nofile = compose()["web"]["ulimits"]["nofile"]
+    assert min(nofile["soft"], nofile["hard"]) >= conf.worker_connections + 200 >= 10_000
+
+
+def test_gunicorn_raises_its_open_files_limit_as_far_as_the_hard_limit_allows() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, resource, sys\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "spec = importlib.util.spec_from_file_location('g', sys.argv[1])\n"
+        "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
+        "print(g.raise_open_files(int(sys.argv[2]))[0])\n"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    low = subprocess.run([sys.executable, "-c", script, str(ROOT / "gunicorn.conf.py"), "1000"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert (low.stdout.strip(), low.stderr) == ("1000", "")
+    beyond = hard + 1 if hard != resource.RLIM_INFINITY else None
+    if beyond is not None:  # more than the hard limit: raised to it, and one line says so
+        high = subprocess.run([sys.executable, "-c", script, str(ROOT / "gunicorn.conf.py"), str(beyond)],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        assert high.stdout.strip() == str(hard)
+        assert "open-files limit" in high.stderr and len(high.stderr.strip().splitlines()) == 1
