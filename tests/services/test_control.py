@@ -47,8 +47,10 @@ def after_a_scheduling_run(server: int) -> None:
     same transaction), so whatever it did not hand them, it had nothing to hand."""
     witness = WsClient(server).register(ram_info={"total_gb": 64})
     try:
-        status, task = request(server, "POST", "/api/tasks", {"type": "echo", "requirements": {"ram_gb": 64}})
-        assert status == 201  # only the witness has the memory for it
+        status, task = request(
+            server, "POST", "/api/tasks", {"type": "echo", "priority": 100, "requirements": {"ram_gb": 64}}
+        )
+        assert status == 201  # only the witness has the memory for it; before any other queued
         witness.request_task()
         assert witness.next_task()["id"] == task["id"]
     finally:

@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 from store.db import Database
 from tests.conftest import mysql_connect, rows
 from tests.helpers import WsClient, free_port, request, start_embedded, wait_for
+from tests.services.test_control import after_a_scheduling_run
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -176,11 +177,20 @@ def test_a_client_holds_at_most_max_tasks_per_client(
 ) -> None:
     client = connect(server, clients)
     wait_queued(db, *(create_task(server)["id"] for _ in range(5)))
-    for _ in range(5):
+    for _ in range(3):
         client.request_task()
     got = [client.next_task() for _ in range(3)]
     assert len({t["id"] for t in got}) == 3
-    assert [m for m in client.silent(1.5) if m["type"] == "task"] == []
+    # Two more requests while it holds three: remembered, not served. (Five requests sent at
+    # once would be capped at three outstanding and all served: nothing left to remember.)
+    client.request_task()
+    client.request_task()
+    wait_for(
+        lambda: rows(db, "SELECT pending_requests FROM clients WHERE id = :c", c=client.client_id) == [(2,)],
+        what="two requests remembered",
+    )
+    after_a_scheduling_run(server)  # it read the two requests and had nothing it could give
+    assert [m for m in client.silent(0.5) if m["type"] == "task"] == []
     client.result(got[0])  # load drops: the remembered request is served
     assert client.next_task()["id"] not in {t["id"] for t in got}
 
