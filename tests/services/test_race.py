@@ -159,3 +159,39 @@ def test_threads_claiming_directly_never_share_a_shard(db: Database) -> None:
     per_client_task = Counter(rows(db, "SELECT client_id, task_id FROM task_assignments"))
     assert max(per_client_task.values()) == 1  # distinct clients per task
     assert_no_double_assignment(db)
+
+
+def test_the_scheduler_lock_has_one_holder_and_dies_with_its_holder(db: Database, mysql_url: str) -> None:
+    """workers.tasks.run_scheduler's lock (Database.exclusive): a second taker is told no at
+    once; a holder that is SIGKILLed leaves nothing held."""
+    import signal
+    import subprocess
+    import sys
+
+    with db.exclusive("aifarm_test_lock") as first, db.exclusive("aifarm_test_lock") as second:
+        assert (first, second) == (True, False)
+    with db.exclusive("aifarm_test_lock") as again:
+        assert again
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from store.db import Database\n"
+         "with Database(sys.argv[1]).exclusive('aifarm_test_lock') as got:\n"
+         "    print(got, flush=True); time.sleep(600)\n",
+         mysql_url],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        with db.exclusive("aifarm_test_lock") as taken:
+            assert not taken
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+
+        def free() -> bool:
+            with db.exclusive("aifarm_test_lock") as mine:
+                return mine
+
+        wait_for(free, 10, what="the lock freed with its dead holder's connection")
+    finally:
+        holder.kill()
+        holder.wait(10)
