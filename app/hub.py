@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FULL_PASS_CHUNK = 250  # clients reconciled per step of the periodic pass (rings go between steps)
+FULL_PASS_CHUNK = 100  # clients reconciled per step of the periodic pass (rings go between steps)
 TOUCH_CHUNK = 500  # last_seen refreshed per transaction
 CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server restarts; reconnect
 

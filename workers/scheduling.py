@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy import Select, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 import server_settings
@@ -291,18 +291,14 @@ def serve_batch(
     throughput = {client.id: client.throughput for client in clients}
     ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings, throughput)
     got = Counter(client.id for client, _ in pairs)
-    client_updates = []
-    for client in clients:
-        if got[client.id]:
-            left = max(0, client.pending_requests - got[client.id])
-            client_updates.append(
-                {
-                    "id": client.id,
-                    "pending_requests": left,
-                    "requested_at": client.requested_at if left else None,
-                }
-            )
-    s.execute(update(Client), client_updates)
+    left = {c.id: max(0, c.pending_requests - got[c.id]) for c in clients if got[c.id]}
+    since = {c.id: c.requested_at if left[c.id] else None for c in clients if got[c.id]}
+    s.execute(  # one statement, as for the shards
+        update(Client)
+        .where(Client.id.in_(sorted(left)))
+        .values(pending_requests=case(left, value=Client.id), requested_at=case(since, value=Client.id))
+        .execution_options(synchronize_session=False)
+    )
     served.assignments = [(client.id, aid) for (client, _), aid in zip(pairs, ids, strict=True)]
     return served
 
@@ -359,12 +355,13 @@ def write_assignments(
             ],
         ).all()
     )
+    # One statement (an executemany UPDATE is one round trip per row on PyMySQL)
+    chosen = {shard.id: aid for (_, shard), aid in zip(pairs, ids, strict=True)}
     s.execute(
-        update(TaskShard),
-        [
-            {"id": shard.id, "status": ShardState.ASSIGNED, "assignment_id": aid, "updated_at": now}
-            for (_, shard), aid in zip(pairs, ids, strict=True)
-        ],
+        update(TaskShard)
+        .where(TaskShard.id.in_(sorted(chosen)))
+        .values(status=ShardState.ASSIGNED, assignment_id=case(chosen, value=TaskShard.id), updated_at=now)
+        .execution_options(synchronize_session=False)
     )
     _start_tasks(s, pairs, pending, now)
     return ids
