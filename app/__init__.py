@@ -33,7 +33,7 @@ from app import (
     validation,
 )
 from app.hub import Hub
-from app.intake import Intake
+from app.intake import Intake, Results
 from app.ws import Connection, origin_allowed
 from store import clients
 from store.bus import Bus, LocalBus, RedisBus, set_bus
@@ -67,7 +67,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     bus = RedisBus(settings.REDIS_URL) if settings.REDIS_URL else LocalBus()
     set_bus(bus)
     intake = Intake(db, max_tasks=settings.MAX_TASKS_PER_CLIENT, written=jobs.request_schedule)
-    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL, intake=intake)
+    results = Results(db, settings, advance=jobs.advance_task, written=jobs.request_schedule)
+    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL, intake=intake, results=results)
     app.extensions["aifarm.db"] = db
     app.extensions["aifarm.hub"] = hub
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from app.intake import Intake
+from app.intake import Intake, Results
 from store import assignments, clients
 from store.bus import Bus
 from store.db import Database
@@ -47,11 +47,12 @@ CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server
 
 
 class Hub:
-    def __init__(self, db: Database, bus: Bus, *, interval: float, intake: Intake) -> None:
+    def __init__(self, db: Database, bus: Bus, *, interval: float, intake: Intake, results: Results) -> None:
         self.db = db
         self.bus = bus
         self.interval = interval
         self.intake = intake  # task_request writes, many sockets per transaction
+        self.results = results  # task_result writes, likewise
         self._conns: dict[str, Connection] = {}
         self._lock = threading.Lock()
         self._pending: set[str] = set()

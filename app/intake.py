@@ -1,16 +1,18 @@
-"""``task_request`` intake with group commit: many sockets' requests, one transaction.
+"""Group commit for the web tier's writes: many sockets' messages, one transaction.
 
-A ``task_request`` is one small write (the client's ``pending_requests``). Written one
-transaction each, a burst of them spent most of the web process's CPU on transaction overhead
-(checkout, ping, compile, commit) and ran one Redis command each to ring the scheduler. Here a
-request joins the batch being gathered and waits for it; one writer writes every request that
-arrived meanwhile in one transaction, then asks for one scheduling run. Nothing waits on a
-timer: under light load a batch holds one request and is written at once; under heavy load
-each batch holds what arrived during the previous write.
+``task_request`` and ``task_result`` are small writes. Written one transaction each, a burst
+of them spent most of the web process's CPU on transaction overhead (turn, checkout, ping,
+commit) and ran one Redis or Celery command each afterwards. Here a message joins the batch
+being gathered and waits for it; one writer writes every message that arrived meanwhile in
+one transaction, then does the follow-up once per batch (one scheduling ring; one
+``advance_task`` per task, not per result). Nothing waits on a timer: under light load a
+batch holds one message and is written at once; under heavy load each batch holds what
+arrived during the previous write.
 
-Each request still gets its own answer after the commit: accepted, refused (the client is
-disabled, or this connection is no longer its connection), or the database error that
-:meth:`Intake.request` raises, exactly as a transaction of its own would have.
+Each message still gets its own answer after the commit, as a transaction of its own would
+have given it: its outcome, its own refusal (a result for a task the client does not hold
+is rolled back to its savepoint, the others commit), or the database error that
+:meth:`GroupCommit.submit` raises for the whole batch (``Unavailable`` when it is down).
 """
 
 from __future__ import annotations
@@ -19,45 +21,69 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from store import clients
+from sqlalchemy.orm import Session
+
+import server_settings
+from store import assignments, clients
+from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Busy, Database
-from store.models import utcnow
+from store.models import TaskAssignment, TaskShard, utcnow
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 500  # requests written per transaction
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Refusals of one result; anything else (a database error) is the whole batch's.
+REFUSALS = (NotAssigned, UnknownTask, UploadRequired, Superseded, TimedOut)
 
 
 @dataclass
-class _Request:
-    client_id: str
-    conn_id: str
+class _Item(Generic[T]):
+    value: T
     done: threading.Event = field(default_factory=threading.Event)
-    accepted: bool = False
+    outcome: Any = None
     error: BaseException | None = None
 
 
-class Intake:
-    def __init__(self, db: Database, *, max_tasks: int, written: Callable[[], None]) -> None:
+class GroupCommit(Generic[T, R]):
+    """One writer thread (a greenlet under gevent); callers of :meth:`submit` wait for it.
+
+    ``write(session, items)`` runs in one transaction and returns one outcome per item (a
+    value, or the exception that item is answered with). ``after(items, outcomes)`` runs
+    once the transaction committed, before anyone is answered."""
+
+    def __init__(
+        self,
+        db: Database,
+        write: Callable[[Session, list[T]], list[R | Exception]],
+        *,
+        max_batch: int,
+        after: Callable[[list[T], list[R | Exception]], None] | None = None,
+        name: str = "group-commit",
+    ) -> None:
         self.db = db
-        self.max_tasks = max_tasks
-        self.written = written  # called once after a batch with an accepted request committed
+        self.write = write
+        self.max_batch = max_batch
+        self.after = after
+        self.name = name
         self._lock = threading.Lock()
-        self._gathered: list[_Request] = []
+        self._gathered: list[_Item[T]] = []
         self._wake = threading.Event()
         self._writer: threading.Thread | None = None
-        self.batches = 0  # transactions written (tests and benchmarks read these)
-        self.requests = 0
+        self.batches = 0  # transactions committed (tests and benchmarks read these)
+        self.items = 0
 
-    def request(self, client_id: str, conn_id: str, *, timeout: float) -> bool:
-        """Record one ``task_request``; True once committed, False if the client may not get
-        work. Raises what the transaction raised (``Unavailable`` when the database is down)."""
-        item = _Request(client_id, conn_id)
+    def submit(self, value: T, *, timeout: float) -> R:
+        """Write ``value`` with whatever else arrives meanwhile; its outcome once committed.
+        Raises the item's own refusal, or the batch's database error."""
+        item: _Item[T] = _Item(value)
         with self._lock:
             self._gathered.append(item)
             if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(target=self._write_forever, daemon=True, name="intake")
+                self._writer = threading.Thread(target=self._write_forever, daemon=True, name=self.name)
                 self._writer.start()
         self._wake.set()
         if not item.done.wait(timeout):
@@ -66,11 +92,12 @@ class Intake:
                 if waiting:  # not taken by the writer: withdrawn, so "nothing was changed" is true
                     self._gathered.remove(item)
             if waiting:
-                raise Busy(f"task_request not written within {timeout:.0f}s")
+                raise Busy(f"not written within {timeout:.0f}s")
             item.done.wait()  # its transaction is under way; db.run ends it with an answer or an error
         if item.error is not None:
             raise item.error
-        return item.accepted
+        outcome: R = item.outcome
+        return outcome
 
     def _write_forever(self) -> None:
         while True:
@@ -78,33 +105,138 @@ class Intake:
             self._wake.clear()
             while True:
                 with self._lock:
-                    batch, self._gathered = self._gathered[:MAX_BATCH], self._gathered[MAX_BATCH:]
+                    batch = self._gathered[: self.max_batch]
+                    del self._gathered[: self.max_batch]
                 if not batch:
                     break
                 self._write(batch)
 
-    def _write(self, batch: list[_Request]) -> None:
-        pairs = [(r.client_id, r.conn_id) for r in batch]
+    def _write(self, batch: list[_Item[T]]) -> None:
+        values = [item.value for item in batch]
         try:
-            accepted = self.db.run(
-                lambda s: clients.request_work_batch(s, pairs, utcnow(), max_tasks=self.max_tasks),
-                first=True,
-            )
-        except BaseException as error:  # every request of the batch gets the transaction's error
-            for r in batch:
-                r.error = error
-                r.done.set()
+            outcomes = self.db.run(lambda s: self.write(s, values), first=True)
+        except BaseException as error:  # every message of the batch gets the transaction's error
+            for item in batch:
+                item.error = error
+                item.done.set()
             if not isinstance(error, Exception):
                 raise
             return
         self.batches += 1
-        self.requests += len(batch)
-        for r in batch:
-            r.accepted = r.conn_id in accepted
-        if accepted:
+        self.items += len(batch)
+        if self.after is not None:
             try:
-                self.written()
-            except Exception as error:  # the scheduler's beat finds the requests anyway
-                log.warning("event=intake_ring state=failed error=%s", type(error).__name__)
-        for r in batch:
-            r.done.set()
+                self.after(values, outcomes)
+            except Exception as error:  # a follow-up is a doorbell: beat's sweep finds the work anyway
+                log.warning(
+                    "event=group_commit_after name=%s state=failed error=%s", self.name, type(error).__name__
+                )
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                item.error = outcome
+            else:
+                item.outcome = outcome
+            item.done.set()
+
+
+class Intake(GroupCommit[tuple[str, str], bool]):
+    """``task_request``: (client id, conn id) in, True once committed, False if the client may
+    not get work (disabled, or this connection is no longer its own)."""
+
+    def __init__(self, db: Database, *, max_tasks: int, written: Callable[[], None]) -> None:
+        def write(s: Session, pairs: list[tuple[str, str]]) -> list[bool | Exception]:
+            accepted = clients.request_work_batch(s, pairs, utcnow(), max_tasks=max_tasks)
+            return [conn_id in accepted for _, conn_id in pairs]
+
+        def after(pairs: list[tuple[str, str]], outcomes: list[bool | Exception]) -> None:
+            if any(o is True for o in outcomes):
+                written()  # one scheduling ring for the whole batch
+
+        super().__init__(db, write, max_batch=500, after=after, name="intake")
+
+    def request(self, client_id: str, conn_id: str, *, timeout: float) -> bool:
+        return self.submit((client_id, conn_id), timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A ``task_result`` as received: who sent it and what it says."""
+
+    client_id: str
+    task_id: int
+    round: int | None
+    status: str
+    metrics: dict[str, Any]
+    error: str | None
+
+
+Recorded = tuple[TaskAssignment, TaskShard | None, bool]  # (assignment, shard, duplicate)
+
+
+def record_result(s: Session, r: Result, now: Any, settings: server_settings.Settings) -> Recorded:
+    """Record one result (``assignments.finish``); a result recorded before is a duplicate.
+    Raises the refusals in :data:`REFUSALS`."""
+    try:
+        assignment, shard = assignments.finish(
+            s,
+            r.client_id,
+            r.task_id,
+            r.round,
+            r.status,
+            r.metrics,
+            r.error,
+            now,
+            max_attempts=settings.MAX_SHARD_ATTEMPTS,
+            max_tasks=settings.MAX_TASKS_PER_CLIENT,
+        )
+    except NotAssigned:
+        again = assignments.reported(s, r.client_id, r.task_id, r.round, r.status)
+        if again is None:
+            raise
+        return again, None, True
+    return assignment, shard, False
+
+
+class Results(GroupCommit[Result, Recorded]):
+    """``task_result``: each in a savepoint of the batch's transaction, so one refused result
+    leaves the others; after the commit one ``advance_task`` per task and one scheduling ring
+    (a finished client may take more work, a failed shard is free again)."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: server_settings.Settings,
+        *,
+        advance: Callable[[int], None],
+        written: Callable[[], None],
+    ) -> None:
+        def write(s: Session, results: list[Result]) -> list[Recorded | Exception]:
+            now = utcnow()
+            outcomes: list[Recorded | Exception | None] = [None] * len(results)
+            # in one order (task, client) whoever writes: two batches never wait on each other in a cycle
+            for i in sorted(range(len(results)), key=lambda i: (results[i].task_id, results[i].client_id)):
+                try:
+                    if len(results) == 1:  # no savepoint needed (nor possible on embedded SQLite)
+                        outcomes[i] = record_result(s, results[i], now, settings)
+                    else:
+                        with s.begin_nested():
+                            outcomes[i] = record_result(s, results[i], now, settings)
+                except REFUSALS as refusal:
+                    outcomes[i] = refusal
+            return [o for o in outcomes if o is not None]
+
+        def after(results: list[Result], outcomes: list[Recorded | Exception]) -> None:
+            fresh = sorted(
+                {
+                    r.task_id
+                    for r, o in zip(results, outcomes, strict=True)
+                    if not isinstance(o, Exception) and not o[2]
+                }
+            )
+            for task_id in fresh:
+                advance(task_id)
+            if fresh:
+                written()
+
+        # Embedded SQLite: one result per transaction (pysqlite's SAVEPOINTs need workarounds).
+        super().__init__(db, write, max_batch=50 if db.is_mysql else 1, after=after, name="results")

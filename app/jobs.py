@@ -31,6 +31,11 @@ def enqueue(name: str, *args: Any) -> bool:
         return False
 
 
+def advance_task(task_id: int) -> None:
+    """Ask a worker to look at a task whose shards changed (results came in)."""
+    enqueue("workers.tasks.advance_task", task_id)
+
+
 def request_schedule() -> None:
     """Ask for a scheduling run unless one is already queued (a burst of requests -> one run)."""
     from store.bus import SCHEDULE_PENDING, get_bus

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 import server_settings
 from app import compat, jobs, metrics, protocol
 from app.hub import Hub
+from app.intake import Result
 from app.protocol import (
     Heartbeat,
     ProtocolError,
@@ -35,7 +36,7 @@ from app.protocol import (
 from store import assignments, audit, auth, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
 from store.db import Busy, Database, Unavailable
-from store.models import FEDERATED, TaskAssignment, TaskShard, utcnow
+from store.models import FEDERATED, utcnow
 from store.states import TaskState
 
 log = logging.getLogger("aifarm.ws")
@@ -353,30 +354,10 @@ class Connection:
         acknowledgement sends the result again on its next connection."""
         client_id = self.client_id
         assert client_id is not None
-
-        def record(s: Session) -> tuple[TaskAssignment, TaskShard | None, bool]:
-            try:
-                assignment, shard = assignments.finish(
-                    s,
-                    client_id,
-                    msg.task_id,
-                    msg.round,
-                    msg.status,
-                    msg.metrics,
-                    msg.error,
-                    utcnow(),
-                    max_attempts=self.settings.MAX_SHARD_ATTEMPTS,
-                    max_tasks=self.settings.MAX_TASKS_PER_CLIENT,
-                )
-            except NotAssigned:
-                again = assignments.reported(s, client_id, msg.task_id, msg.round, msg.status)
-                if again is None:
-                    raise
-                return again, None, True
-            return assignment, shard, False
-
+        result = Result(client_id, msg.task_id, msg.round, msg.status, msg.metrics, msg.error)
         try:
-            assignment, shard, duplicate = self.db.run(record)
+            # written with the other results that arrive meanwhile (app/intake.py)
+            assignment, shard, duplicate = self.hub.results.submit(result, timeout=self.db.queue_timeout)
         except UnknownTask:
             raise ProtocolError("unknown_task", f"no task {msg.task_id}") from None
         except NotAssigned:
@@ -409,11 +390,6 @@ class Connection:
             msg.task_id, assignment.round, assignment.rank, client_id, assignment.id, msg.status,
             shard.status if shard else "-", " duplicate=true" if duplicate else "",
         )  # fmt: skip
-        if duplicate:
-            return
-        jobs.enqueue("workers.tasks.advance_task", msg.task_id)
-        # Its load dropped (it may have more requests waiting), and a failed shard is free again.
-        jobs.request_schedule()
 
     def _closed(self) -> None:
         self.hub.detach(self)

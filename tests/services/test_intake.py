@@ -62,19 +62,23 @@ def test_requests_that_arrive_during_a_write_share_the_next_transaction(db: Data
     def ask(cid: str, conn: str) -> None:
         answers[cid] = intake.request(cid, conn, timeout=30)
 
-    first = threading.Thread(target=ask, args=pairs[0])
-    first.start()
-    wait_for(lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken")
-    rest = [threading.Thread(target=ask, args=p) for p in pairs[1:]]
-    for t in rest:
-        t.start()
-    wait_for(lambda: len(intake._gathered) == 39, 10, what="39 requests gathered")
-    blocker.rollback()
-    blocker.close()
+    first = threading.Thread(target=ask, args=pairs[0], daemon=True)
+    rest = [threading.Thread(target=ask, args=p, daemon=True) for p in pairs[1:]]
+    try:
+        first.start()
+        wait_for(
+            lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken"
+        )
+        for t in rest:
+            t.start()
+        wait_for(lambda: len(intake._gathered) == 39, 10, what="39 requests gathered")
+    finally:  # a failure must not leave the lock to hang the next test's cleanup
+        blocker.rollback()
+        blocker.close()
     for t in [first, *rest]:
         t.join(30)
     assert answers == {cid: True for cid, _ in pairs}
-    assert (intake.batches, intake.requests) == (2, 40)
+    assert (intake.batches, intake.items) == (2, 40)
     assert rings.count == 2  # one scheduling ring per transaction, not per request
     assert rows(
         db, "SELECT COUNT(*) FROM clients WHERE pending_requests = 1 AND requested_at IS NOT NULL"
@@ -94,15 +98,23 @@ def test_each_request_of_a_batch_gets_its_own_answer(db: Database) -> None:
     with blocker.cursor() as cur:  # hold the writer on a first batch while the others gather
         cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (ok[0],))
     answers: list[tuple[str, bool]] = []
-    threads = [threading.Thread(target=lambda p=p: answers.append((p[0], intake.request(*p, timeout=30))))
-               for p in [ok, disabled, moved, eager, eager, eager, eager, eager]]  # fmt: skip
-    threads[0].start()
-    wait_for(lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken")
-    for t in threads[1:]:
-        t.start()
-    wait_for(lambda: len(intake._gathered) == 7, 10, what="7 requests gathered")
-    blocker.rollback()
-    blocker.close()
+
+    def ask(p: tuple[str, str]) -> None:
+        answers.append((p[0], intake.request(*p, timeout=30)))
+
+    order = [ok, disabled, moved, eager, eager, eager, eager, eager]
+    threads = [threading.Thread(target=ask, args=(p,), daemon=True) for p in order]
+    try:
+        threads[0].start()
+        wait_for(
+            lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken"
+        )
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: len(intake._gathered) == 7, 10, what="7 requests gathered")
+    finally:
+        blocker.rollback()
+        blocker.close()
     for t in threads:
         t.join(30)
     by_client: dict[str, list[bool]] = {}
@@ -136,3 +148,89 @@ def test_every_request_of_a_batch_gets_the_outage_when_the_database_is_down(db: 
     with pytest.raises(Unavailable):  # the writer outlived the outage: it answers the next one too
         intake.request("c0", "k0", timeout=30)
     assert intake._writer is not None and intake._writer.is_alive()
+
+
+def held_shards(db: Database, pairs: list[tuple[str, str]], tasks: int) -> list[int]:
+    """``tasks`` echo tasks of one shard per client, each client holding one shard of each."""
+    from store import task_admin
+    from workers import lifecycle, scheduling
+
+    ids = []
+    for _ in range(tasks):
+        task_id = db.run(
+            lambda s: (
+                task_admin.create(
+                    s,
+                    type="echo",
+                    requirements={},
+                    config={},
+                    priority=0,
+                    num_shards=len(pairs),
+                    now=utcnow(),
+                ).id
+            )
+        )
+        db.run(lambda s, t=task_id: lifecycle.prepare_generic(s, t, utcnow()))
+        ids.append(task_id)
+    for cid, conn in pairs:
+        for _ in range(tasks):
+            db.run(
+                lambda s, c=cid, k=conn: clients.request_work_batch(s, [(c, k)], utcnow(), max_tasks=tasks)
+            )
+        got = db.run(
+            lambda s, c=cid: scheduling.fill_client(s, c, utcnow(), max_tasks=tasks, skip_locked=True)
+        )
+        assert len(got) == tasks
+    return ids
+
+
+def test_results_of_a_batch_commit_together_and_a_refused_one_leaves_the_others(db: Database) -> None:
+    from app.intake import Result, Results
+    from server_settings import Settings
+    from store.assignments import UnknownTask
+
+    pairs = connected(db, 6)
+    first, second = held_shards(db, pairs, tasks=2)
+    advanced: list[int] = []
+    rings = Rings()
+    results = Results(db, Settings(MAX_TASKS_PER_CLIENT=2), advance=advanced.append, written=rings)
+    blocker = mysql_connect(db.engine.url.database)
+    blocker.begin()
+    with blocker.cursor() as cur:  # the first result waits here; the others gather behind it
+        cur.execute("SELECT id FROM task_shards WHERE task_id = %s FOR UPDATE", (second,))
+    sent = [
+        Result(cid, task, 0, "completed", {"score": 1.0}, None)
+        for cid, _ in pairs
+        for task in (first, second)
+    ]
+    sent.insert(5, Result(pairs[0][0], 999_999, 0, "completed", {}, None))  # no such task: refused alone
+    answers: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        try:
+            answers[i] = results.submit(sent[i], timeout=30)
+        except Exception as error:
+            answers[i] = error
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(sent))]
+    try:
+        threads[-1].start()  # a result of the locked task goes first and waits
+        wait_for(
+            lambda: results._writer is not None and not results._gathered, 10, what="the first batch taken"
+        )
+        for t in threads[:-1]:
+            t.start()
+        wait_for(lambda: len(results._gathered) == len(sent) - 1, 10, what="the other results gathered")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    for t in threads:
+        t.join(30)
+    refused = [i for i, a in answers.items() if isinstance(a, Exception)]
+    assert refused == [5] and isinstance(answers[5], UnknownTask)
+    assert all(a[2] is False for i, a in answers.items() if i != 5)  # type: ignore[index]
+    assert rows(db, "SELECT COUNT(*) FROM task_assignments WHERE status = 'completed'") == [(12,)]
+    assert results.batches == 2 and results.items == 13
+    # one advance_task per task per batch, not one per result
+    assert sorted(advanced) == [first, second, second] or sorted(advanced) == [first, first, second]
+    assert rings.count == 2
