@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 import server_settings
 from store import assignments, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
-from store.db import Busy, Database
+from store.db import Busy, Database, Unavailable, is_retryable
 from store.models import TaskAssignment, TaskShard, utcnow
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,21 @@ class GroupCommit(Generic[T, R]):
     def _write(self, batch: list[_Item[T]]) -> None:
         values = [item.value for item in batch]
         try:
-            outcomes = self.db.run(lambda s: self.write(s, values), first=True)
+            # a batch holds more row locks than one message: it may lose a deadlock more often
+            outcomes = self.db.run(
+                lambda s: self.write(s, values), first=True, attempts=2 if len(batch) > 1 else 4
+            )
+        except Unavailable as error:
+            if len(batch) > 1 and is_retryable(error.__cause__ or error):
+                # still contended (deadlocks, lock waits): each message alone, as without batching
+                log.info("event=group_commit name=%s state=split size=%d", self.name, len(batch))
+                for item in batch:
+                    self._write([item])
+                return
+            self._fail(batch, error)
+            return
         except BaseException as error:  # every message of the batch gets the transaction's error
-            for item in batch:
-                item.error = error
-                item.done.set()
+            self._fail(batch, error)
             if not isinstance(error, Exception):
                 raise
             return
@@ -136,6 +146,12 @@ class GroupCommit(Generic[T, R]):
                 item.error = outcome
             else:
                 item.outcome = outcome
+            item.done.set()
+
+    @staticmethod
+    def _fail(batch: list[_Item[T]], error: BaseException) -> None:
+        for item in batch:
+            item.error = error
             item.done.set()
 
 

@@ -234,3 +234,40 @@ def test_results_of_a_batch_commit_together_and_a_refused_one_leaves_the_others(
     # one advance_task per task per batch, not one per result
     assert sorted(advanced) == [first, second, second] or sorted(advanced) == [first, first, second]
     assert rings.count == 2
+
+
+def test_a_batch_that_keeps_losing_lock_waits_is_written_one_message_at_a_time(
+    mysql_url: str, db: Database
+) -> None:
+    """Two lock wait timeouts in a row (1205, here after 1 s): the batch is split, and every
+    message is written on its own, as without batching; only the one whose row stays locked
+    waits for it."""
+    from sqlalchemy import event
+
+    from app.intake import _Item
+
+    impatient = Database(mysql_url, pool_size=4)
+    event.listen(
+        impatient.engine,
+        "connect",
+        lambda conn, _: conn.cursor().execute("SET SESSION innodb_lock_wait_timeout = 1"),
+    )
+    (a, b, c) = connected(db, 3)
+    intake = Intake(impatient, max_tasks=3, written=Rings())
+    blocker = mysql_connect(db.engine.url.database)
+    blocker.begin()
+    items = [_Item(b), _Item(c), _Item(a)]
+    writer = threading.Thread(target=intake._write, args=(items,), daemon=True)
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (a[0],))
+        writer.start()
+        wait_for(lambda: items[0].done.is_set() and items[1].done.is_set(), 30, what="b and c written alone")
+        assert not items[2].done.is_set()  # a's row is still locked: a is being retried
+    finally:
+        blocker.rollback()
+        blocker.close()
+    writer.join(30)
+    assert [(i.outcome, i.error) for i in items] == [(True, None)] * 3
+    assert (intake.batches, intake.items) == (3, 3)  # the batch of three never committed
+    assert rows(db, "SELECT COUNT(*) FROM clients WHERE pending_requests = 1") == [(3,)]
