@@ -8,8 +8,8 @@ its client. Reconciling a client sends the difference: ``task`` for a new assign
 every ``RECONCILE_INTERVAL`` seconds all local clients are reconciled anyway, so a lost ring
 delays a push but never loses it; that pass goes a chunk of clients at a time, with rings
 served between chunks, so a push never waits behind thousands of sockets. Beside it, every
-``RECONCILE_INTERVAL`` seconds, a flush writes batched progress in one transaction and
-``last_seen`` in short ones (the scheduler skips locked client rows), and closes connections
+``RECONCILE_INTERVAL`` seconds, a flush writes batched progress and ``last_seen`` in short
+transactions (the scheduler skips locked client rows), and closes connections
 the database no longer knows.
 
 Before the process exits, :meth:`Hub.shutdown` closes every socket with 1012 (Service
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from app import gcpause
 from app.intake import Intake, Results
 from store import assignments, clients
 from store.bus import Bus
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 FULL_PASS_CHUNK = 100  # clients reconciled per step of the periodic pass (rings go between steps)
 TOUCH_CHUNK = 500  # last_seen refreshed per transaction
+PROGRESS_CHUNK = 500  # assignments' progress written per transaction
+GC_UNFREEZE_S = 600.0  # frozen objects are looked at again this often (app/gcpause.py)
 CLOSE_SERVICE_RESTART = 1012  # WebSocket close code (IANA registry): the server restarts; reconnect
 
 
@@ -152,9 +155,11 @@ class Hub:
 
     def _flush_loop(self) -> None:
         """Every ``interval`` s write batched progress and last_seen (:meth:`flush`), beside the
-        reconcile loop rather than in it."""
+        reconcile loop rather than in it; and keep full garbage collections short (app/gcpause.py)."""
+        collector = gcpause.Collector(unfreeze_every=GC_UNFREEZE_S)
         while True:
             time.sleep(self.interval)
+            collector.tick()
             try:
                 self.flush()
             except Exception as error:  # the database may be down: what was not written is kept
@@ -194,18 +199,25 @@ class Hub:
         conn_ids = [c.conn_id for c in conns]
         now = utcnow()
 
-        def write(s: Session) -> None:
-            if progress:
-                assignments.record_progress(s, progress, now)
-            clients.record_utilization(s, utilization, now)
-
+        # Progress in short transactions of PROGRESS_CHUNK assignments: a result waits for the
+        # row of its assignment, and one transaction over 10,000 rows kept them locked for seconds.
+        written = 0
         try:
-            self.db.run(write, first=True)
+            for start in range(0, len(progress), PROGRESS_CHUNK):
+                part = progress[start : start + PROGRESS_CHUNK]
+
+                def write(s: Session, part: list[tuple[int, float, dict[str, Any]]] = part) -> None:
+                    assignments.record_progress(s, part, now)
+
+                self.db.run(write, first=True)
+                written = start + len(part)
         except Exception:
             with self._lock:  # kept, unless a newer report of the same assignment came meanwhile
-                for aid, value_metrics in latest.items():
-                    self._left.setdefault(aid, value_metrics)
+                for aid, value, metrics in progress[written:]:
+                    self._left.setdefault(aid, (value, metrics))
             raise
+        if utilization:
+            self.db.run(lambda s: clients.record_utilization(s, utilization, now), first=True)
         # last_seen: a short transaction per chunk, so that the client rows are never locked
         # long (the scheduler skips locked rows: a long lock here would delay assignments)
         alive: set[str] = set()

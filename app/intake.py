@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 import server_settings
 from store import assignments, clients
 from store.assignments import NotAssigned, Superseded, TimedOut, UnknownTask, UploadRequired
-from store.db import Busy, Database, Unavailable, is_retryable
+from store.db import Busy, Database, Unavailable
 from store.models import TaskAssignment, TaskShard, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class _Item(Generic[T]):
 
 
 class GroupCommit(Generic[T, R]):
-    """One writer thread (a greenlet under gevent); callers of :meth:`submit` wait for it.
+    """``writers`` writer threads (greenlets under gevent), each writing the next batch;
+    callers of :meth:`submit` wait for theirs.
 
     ``write(session, items)`` runs in one transaction and returns one outcome per item (a
     value, or the exception that item is answered with). ``after(items, outcomes)`` runs
@@ -63,6 +64,7 @@ class GroupCommit(Generic[T, R]):
         max_batch: int,
         after: Callable[[list[T], list[R | Exception]], None] | None = None,
         name: str = "group-commit",
+        writers: int = 1,
     ) -> None:
         self.db = db
         self.write = write
@@ -72,7 +74,8 @@ class GroupCommit(Generic[T, R]):
         self._lock = threading.Lock()
         self._gathered: list[_Item[T]] = []
         self._wake = threading.Event()
-        self._writer: threading.Thread | None = None
+        self.writers = writers  # transactions in flight at once (each takes the next batch)
+        self._writers: list[threading.Thread] = []
         self.batches = 0  # transactions committed (tests and benchmarks read these)
         self.items = 0
 
@@ -82,9 +85,11 @@ class GroupCommit(Generic[T, R]):
         item: _Item[T] = _Item(value)
         with self._lock:
             self._gathered.append(item)
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(target=self._write_forever, daemon=True, name=self.name)
-                self._writer.start()
+            self._writers = [w for w in self._writers if w.is_alive()]
+            while len(self._writers) < self.writers:
+                writer = threading.Thread(target=self._write_forever, daemon=True, name=self.name)
+                writer.start()
+                self._writers.append(writer)
         self._wake.set()
         if not item.done.wait(timeout):
             with self._lock:
@@ -119,9 +124,14 @@ class GroupCommit(Generic[T, R]):
                 lambda s: self.write(s, values), first=True, attempts=2 if len(batch) > 1 else 4
             )
         except Unavailable as error:
-            if len(batch) > 1 and is_retryable(error.__cause__ or error):
-                # still contended (deadlocks, lock waits): each message alone, as without batching
-                log.info("event=group_commit name=%s state=split size=%d", self.name, len(batch))
+            if len(batch) > 1:
+                # Still contended (deadlocks, lock waits), or a connection lost under a long lock
+                # wait: each message alone, as without batching. (When the database is down,
+                # each fails at once as well.)
+                cause = type(error.__cause__ or error).__name__
+                log.info(
+                    "event=group_commit name=%s state=split size=%d error=%s", self.name, len(batch), cause
+                )
                 for item in batch:
                     self._write([item])
                 return
@@ -255,4 +265,13 @@ class Results(GroupCommit[Result, Recorded]):
                 written()
 
         # Embedded SQLite: one result per transaction (pysqlite's SAVEPOINTs need workarounds).
-        super().__init__(db, write, max_batch=50 if db.is_mysql else 1, after=after, name="results")
+        # Four transactions at once: a result is about ten statements, and one writer alone was
+        # bound by their round trips, not by the CPU or the database.
+        super().__init__(
+            db,
+            write,
+            max_batch=50 if db.is_mysql else 1,
+            after=after,
+            name="results",
+            writers=4 if db.is_mysql else 1,
+        )

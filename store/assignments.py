@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from store import reliability
@@ -297,14 +297,24 @@ def expire_deadlines(
 
 
 def record_progress(s: Session, updates: Sequence[tuple[int, float, dict[str, Any]]], now: datetime) -> None:
-    """Store the latest progress of open assignments (batched by the web tier)."""
-    for aid, progress, metrics in updates:
-        s.execute(
-            update(TaskAssignment)
-            .where(TaskAssignment.id == aid, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-            .values(status=AssignmentState.TRAINING, progress=progress, metrics=metrics, updated_at=now)
-            .execution_options(synchronize_session=False)
+    """Store the latest progress of open assignments (batched by the web tier): one statement
+    for all of them, the values chosen by id (one UPDATE per row was one round trip each)."""
+    if not updates:
+        return
+    ids = sorted({aid for aid, _, _ in updates})
+    progress = {aid: value for aid, value, _ in updates}
+    metrics = {aid: type_coerce(m, TaskAssignment.metrics.type) for aid, _, m in updates}
+    s.execute(
+        update(TaskAssignment)
+        .where(TaskAssignment.id.in_(ids), TaskAssignment.status.in_(OPEN_ASSIGNMENT))
+        .values(
+            status=AssignmentState.TRAINING,
+            progress=case(progress, value=TaskAssignment.id),
+            metrics=case(metrics, value=TaskAssignment.id),
+            updated_at=now,
         )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def finish(

@@ -66,9 +66,7 @@ def test_requests_that_arrive_during_a_write_share_the_next_transaction(db: Data
     rest = [threading.Thread(target=ask, args=p, daemon=True) for p in pairs[1:]]
     try:
         first.start()
-        wait_for(
-            lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken"
-        )
+        wait_for(lambda: intake._writers and not intake._gathered, 10, what="the first batch taken")
         for t in rest:
             t.start()
         wait_for(lambda: len(intake._gathered) == 39, 10, what="39 requests gathered")
@@ -106,9 +104,7 @@ def test_each_request_of_a_batch_gets_its_own_answer(db: Database) -> None:
     threads = [threading.Thread(target=ask, args=(p,), daemon=True) for p in order]
     try:
         threads[0].start()
-        wait_for(
-            lambda: intake._writer is not None and not intake._gathered, 10, what="the first batch taken"
-        )
+        wait_for(lambda: intake._writers and not intake._gathered, 10, what="the first batch taken")
         for t in threads[1:]:
             t.start()
         wait_for(lambda: len(intake._gathered) == 7, 10, what="7 requests gathered")
@@ -147,7 +143,7 @@ def test_every_request_of_a_batch_gets_the_outage_when_the_database_is_down(db: 
     assert rings.count == 0  # nothing committed: no scheduling run asked for
     with pytest.raises(Unavailable):  # the writer outlived the outage: it answers the next one too
         intake.request("c0", "k0", timeout=30)
-    assert intake._writer is not None and intake._writer.is_alive()
+    assert [w.is_alive() for w in intake._writers] == [True]
 
 
 def held_shards(db: Database, pairs: list[tuple[str, str]], tasks: int) -> list[int]:
@@ -194,6 +190,7 @@ def test_results_of_a_batch_commit_together_and_a_refused_one_leaves_the_others(
     advanced: list[int] = []
     rings = Rings()
     results = Results(db, Settings(MAX_TASKS_PER_CLIENT=2), advance=advanced.append, written=rings)
+    results.writers = 1  # one writer, so the results that arrive while it waits gather in one batch
     blocker = mysql_connect(db.engine.url.database)
     blocker.begin()
     with blocker.cursor() as cur:  # the first result waits here; the others gather behind it
@@ -215,9 +212,7 @@ def test_results_of_a_batch_commit_together_and_a_refused_one_leaves_the_others(
     threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(sent))]
     try:
         threads[-1].start()  # a result of the locked task goes first and waits
-        wait_for(
-            lambda: results._writer is not None and not results._gathered, 10, what="the first batch taken"
-        )
+        wait_for(lambda: results._writers and not results._gathered, 10, what="the first batch taken")
         for t in threads[:-1]:
             t.start()
         wait_for(lambda: len(results._gathered) == len(sent) - 1, 10, what="the other results gathered")
@@ -271,3 +266,19 @@ def test_a_batch_that_keeps_losing_lock_waits_is_written_one_message_at_a_time(
     assert [(i.outcome, i.error) for i in items] == [(True, None)] * 3
     assert (intake.batches, intake.items) == (3, 3)  # the batch of three never committed
     assert rows(db, "SELECT COUNT(*) FROM clients WHERE pending_requests = 1") == [(3,)]
+
+
+def test_batched_progress_is_one_statement_that_keeps_each_assignments_own_values(db: Database) -> None:
+    from store import assignments
+
+    pairs = connected(db, 3)
+    held_shards(db, pairs, tasks=1)
+    ids = [r[0] for r in rows(db, "SELECT id FROM task_assignments ORDER BY id")]
+    reports = [(aid, 10.0 * (i + 1), {"loss": 1.0 / (i + 1), "step": i}) for i, aid in enumerate(ids)]
+    db.run(lambda s: assignments.record_progress(s, reports, utcnow()))
+    got = rows(db, "SELECT id, status, progress, metrics FROM task_assignments ORDER BY id")
+    import json
+
+    assert [(a, st, p, json.loads(m)) for a, st, p, m in got] == [
+        (aid, "training", value, metrics) for aid, value, metrics in reports
+    ]
