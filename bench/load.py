@@ -101,6 +101,18 @@ class Driver:
             if reply["type"] in (want, "error"):
                 return dict(reply)
 
+    async def _request_task(self, ws: ClientConnection, errors: list[str]) -> dict[str, Any] | None:
+        """Send task_request and wait for the task; None (and the reason in ``errors``) if none came."""
+        try:
+            reply = await asyncio.wait_for(self._call(ws, {"type": "task_request"}, "task"), PHASE_TIMEOUT)
+        except Exception as error:
+            errors.append(type(error).__name__)
+            return None
+        if reply["type"] == "error":
+            errors.append(reply.get("code", "?"))
+            return None
+        return reply
+
     async def register(self) -> dict[str, Any]:
         gate = asyncio.Semaphore(200)
         errors: list[str] = []
@@ -143,15 +155,8 @@ class Driver:
         async def one(i: int, ws: ClientConnection) -> None:
             sent = time.time()
             firsts.append(sent)
-            try:
-                reply = await asyncio.wait_for(
-                    self._call(ws, {"type": "task_request"}, "task"), PHASE_TIMEOUT
-                )
-            except Exception as error:
-                errors.append(type(error).__name__)
-                return
-            if reply["type"] == "error":
-                errors.append(reply.get("code", "?"))
+            reply = await self._request_task(ws, errors)
+            if reply is None:
                 return
             got = time.time()
             lasts.append(got)
@@ -226,15 +231,8 @@ class Driver:
 
         async def ask(ws: ClientConnection) -> None:
             sent = time.perf_counter()
-            try:
-                reply = await asyncio.wait_for(
-                    self._call(ws, {"type": "task_request"}, "task"), PHASE_TIMEOUT
-                )
-            except Exception as error:
-                errors.append(type(error).__name__)
-                return
-            if reply["type"] == "error":
-                errors.append(reply.get("code", "?"))
+            reply = await self._request_task(ws, errors)
+            if reply is None:
                 return
             latencies.append(time.perf_counter() - sent)
             timeline.append((time.time(), latencies[-1]))

@@ -86,15 +86,21 @@ def run_scheduler() -> int:
             if not mine:
                 bus.set_flag(SCHEDULE_PENDING, ttl=5.0)  # the holder makes one more pass
                 return assigned
-            assigned += _hold(bus)
+            served, handover = _hold(bus)
+            assigned += served
+        if handover:  # sent once the lock is free, so the fresh job can take it
+            schedule.delay()
+            return assigned
         if not bus.is_set(SCHEDULE_PENDING):
             return assigned
 
 
-def _hold(bus: Any) -> int:
-    """Passes while the scheduler lock is held: until no pass is owed, or :data:`HOLD_S`."""
+def _hold(bus: Any) -> tuple[int, bool]:
+    """Passes while the scheduler lock is held: until no pass is owed, or :data:`HOLD_S`
+    (then True: a fresh job goes on, and this one ends, so that its worker can stop)."""
     assigned = 0
     skipped_in_a_row = 0
+    handover = False
     until = time.monotonic() + HOLD_S
     while True:
         bus.clear_flag(SCHEDULE_PENDING)
@@ -102,7 +108,7 @@ def _hold(bus: Any) -> int:
         assigned += done.assigned
         skipped_in_a_row = skipped_in_a_row + 1 if done.skipped and not done.assigned else 0
         if time.monotonic() > until:
-            schedule.delay()  # a fresh job goes on (this one ends, so a worker can stop)
+            handover = True
             break
         if done.more or bus.is_set(SCHEDULE_PENDING):
             continue
@@ -114,7 +120,7 @@ def _hold(bus: Any) -> int:
         time.sleep(SKIPPED_RETRY_S)  # rows were locked for a moment: look again once free
     if assigned:
         log.info("task=schedule state=finish assigned=%d", assigned)
-    return assigned
+    return assigned, handover
 
 
 @dataclass
