@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.orm import Session
@@ -199,7 +200,7 @@ class Result:
 Recorded = tuple[TaskAssignment, TaskShard | None, bool]  # (assignment, shard, duplicate)
 
 
-def record_result(s: Session, r: Result, now: Any, settings: server_settings.Settings) -> Recorded:
+def record_result(s: Session, r: Result, now: datetime, settings: server_settings.Settings) -> Recorded:
     """Record one result (``assignments.finish``); a result recorded before is a duplicate.
     Raises the refusals in :data:`REFUSALS`."""
     try:

@@ -174,11 +174,11 @@ def test_the_scheduler_lock_has_one_holder_and_dies_with_its_holder(db: Database
         assert again
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from store.db import Database\n"
+         "import sys; from store.db import Database\n"
          "with Database(sys.argv[1]).exclusive('aifarm_test_lock') as got:\n"
-         "    print(got, flush=True); time.sleep(600)\n",
+         "    print(got, flush=True); sys.stdin.read()  # holds it until killed\n",
          mysql_url],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
