@@ -112,6 +112,10 @@ class Settings:
     SWEEP_LIMIT: int = 500  # clients released per sweep run
     SCHEDULE_INTERVAL: float = 5.0  # beat's safety-net scheduling pass
     SCHEDULE_BATCH: int = 500  # waiting clients served per scheduling run
+    # A scheduling job with nothing left to do waits this many seconds (at most 4) for the next
+    # request before it ends; requests in that time reach it through Redis, not a Celery job of
+    # their own. It keeps one worker process busy meanwhile. 0: end at once.
+    SCHEDULE_LISTEN: float = 0.2
     RECONCILE_INTERVAL: float = 5.0  # web: re-read open assignments of local sockets, flush last_seen
     AGGREGATION_SLICE_BYTES: int = 256 << 20  # models larger than this aggregate in parallel slices
     # An aggregation holds its round's lease and renews it every third of this many seconds; a

@@ -37,10 +37,11 @@ def advance_task(task_id: int) -> None:
 
 
 def request_schedule() -> None:
-    """Ask for a scheduling run unless one is already queued (a burst of requests -> one run)."""
-    from store.bus import SCHEDULE_PENDING, get_bus
+    """Ask for a scheduling run unless one is already queued (a burst of requests -> one run)
+    or the scheduler is waiting for this ring (then Redis carries it, and no job is sent)."""
+    from store.bus import get_bus
 
-    if get_bus().set_flag(SCHEDULE_PENDING, ttl=5.0):
+    if get_bus().ring_scheduler():
         enqueue("workers.tasks.schedule")
 
 

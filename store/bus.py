@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "aifarm:doorbell"
 SCHEDULE_PENDING = "aifarm:schedule:pending"  # set while a scheduling run is queued or owed
+SCHEDULE_LISTENING = "aifarm:schedule:listening"  # set while the scheduler waits for the next ring
+SCHEDULE_BELL = "aifarm:schedule:bell"  # the ring it waits for (a list of at most one item)
+PENDING_TTL = 5.0  # seconds: a flag nobody clears (a scheduler died) lets jobs be sent again
+MAX_LISTEN_S = 4.0  # below the pool's socket timeout (5 s), which a longer BLPOP would hit
+LISTEN_MARGIN_S = 1.0  # the listening mark outlives a wait by this much, so a ring in the gap finds it
 Listener = Callable[[list[str] | None], None]  # None: every local client
 
 
@@ -33,6 +38,21 @@ class Bus:
 
     def clear_flag(self, name: str) -> None:
         raise NotImplementedError
+
+    def ring_scheduler(self) -> bool:
+        """A scheduling pass is owed. True when the caller must send a ``schedule`` job: none
+        is queued, and no scheduler is waiting for this ring (:meth:`wait_for_ring`)."""
+        return self.set_flag(SCHEDULE_PENDING, ttl=PENDING_TTL)
+
+    def wait_for_ring(self, timeout: float) -> bool:
+        """Called by the scheduler, with its lock held and nothing left to do: wait up to
+        ``timeout`` seconds for the next :meth:`ring_scheduler`; True when it came. While it
+        waits (and until :meth:`stop_listening`), rings go to it instead of to new jobs.
+        Without a broker (embedded) there is nothing to wait on: False at once."""
+        return False
+
+    def stop_listening(self) -> None:
+        """The scheduler stops waiting for rings: they send jobs again."""
 
     def is_set(self, name: str) -> bool:
         """Whether flag ``name`` is set (False when it cannot be told)."""
@@ -80,6 +100,21 @@ class LocalBus(Bus):
         self._listeners.append(listener)
 
 
+# ring_scheduler in one step: mark the pass owed; if the scheduler is listening, ring its bell
+# (one item at most) and send no job; else a job is owed when the flag was not set before.
+_RING = """
+local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('LPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], 0, 0)
+  redis.call('PEXPIRE', KEYS[3], ARGV[1])
+  return 0
+end
+if fresh then return 1 end
+return 0
+"""
+
+
 class RedisBus(Bus):
     def __init__(self, url: str) -> None:
         import redis
@@ -91,6 +126,7 @@ class RedisBus(Bus):
             url, max_connections=32, timeout=5, socket_connect_timeout=2, socket_timeout=5
         )
         self._redis = redis.Redis(connection_pool=pool)
+        self._ring = self._redis.register_script(_RING)
 
     def publish(self, client_ids: Iterable[str] | None) -> None:
         ids = None if client_ids is None else list(client_ids)
@@ -112,6 +148,32 @@ class RedisBus(Bus):
             return bool(self._redis.set(name, b"1", nx=True, px=int(ttl * 1000)))
         except Exception:  # no flag, no debounce: enqueue anyway
             return True
+
+    def ring_scheduler(self) -> bool:
+        try:
+            keys = [SCHEDULE_PENDING, SCHEDULE_LISTENING, SCHEDULE_BELL]
+            return bool(self._ring(keys=keys, args=[int(PENDING_TTL * 1000)]))
+        except Exception:  # no flag, no listener known: enqueue anyway
+            return True
+
+    def wait_for_ring(self, timeout: float) -> bool:
+        try:
+            # Listening is announced before the flag is read: a ring that comes in between
+            # finds the announcement and rings the bell, which the BLPOP below takes.
+            timeout = min(timeout, MAX_LISTEN_S)
+            self._redis.set(SCHEDULE_LISTENING, b"1", px=int((timeout + LISTEN_MARGIN_S) * 1000))
+            if self._redis.exists(SCHEDULE_PENDING):
+                return True
+            return self._redis.blpop([SCHEDULE_BELL], timeout=timeout) is not None
+        except Exception as error:  # Redis is down: stop waiting; beat's pass finds the work
+            log.warning("event=schedule_listen state=failed error=%s", type(error).__name__)
+            return False
+
+    def stop_listening(self) -> None:
+        try:
+            self._redis.delete(SCHEDULE_LISTENING)
+        except Exception as error:  # it expires on its own (timeout + LISTEN_MARGIN_S)
+            log.warning("event=schedule_listen_stop state=failed error=%s", type(error).__name__)
 
     def clear_flag(self, name: str) -> None:
         try:

@@ -272,7 +272,9 @@ class Database:
 
         MariaDB: ``GET_LOCK(name, 0)`` on a connection of its own, held for the block; the
         server releases it when the block ends, or when the holder's connection dies (a killed
-        worker does not keep it). SQLite (embedded, one process): a lock of this process."""
+        worker does not keep it). A named lock is the server's, not a database's: the name is
+        taken in this database's (two deployments, or two test runs, on one server each have
+        their own). SQLite (embedded, one process): a lock of this process."""
         if not self.is_mysql:
             lock = _local_locks.setdefault(name, threading.Lock())
             got = lock.acquire(blocking=False)
@@ -284,6 +286,7 @@ class Database:
             return
         try:
             conn = self.engine.connect()
+            name = f"{self.engine.url.database}.{name}"[-64:]  # MariaDB's longest lock name
             got = bool(conn.exec_driver_sql("SELECT GET_LOCK(%s, 0)", (name,)).scalar())
         except exc.DBAPIError as error:
             if is_outage(error):

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 import server_settings
 from store.blobs import BlobStore
-from store.bus import SCHEDULE_PENDING, get_bus
+from store.bus import get_bus
 from store.db import Database
 from store.models import Client, Task, TaskShard
 from store.states import ClientState, ShardState
@@ -50,7 +50,7 @@ def reconcile(db: Database, store: BlobStore, settings: server_settings.Settings
         log.info("event=orphan_files task=%d action=purge", task_id)
         purge_task_files.delay(task_id=task_id)
     scheduled = 0
-    if db.run(clients_wait_for_queued_work) and get_bus().set_flag(SCHEDULE_PENDING, ttl=5.0):
+    if db.run(clients_wait_for_queued_work) and get_bus().ring_scheduler():
         schedule.delay()
         scheduled = 1
     return {"purged": len(orphans), "scheduled": scheduled}

@@ -27,6 +27,7 @@ from workers.deadlines import deadline_seconds
 log = logging.getLogger(__name__)
 
 DEFAULTS = server_settings.Settings()  # deadlines when a caller passes no settings (tests)
+MIN_WINDOW = 8  # queued shards a pass reads at least (see serve_batch)
 
 
 def _candidates(client: Client, exclude_tasks: set[int]) -> Select[TaskShard]:
@@ -256,7 +257,7 @@ def serve_batch(
     )
     clients = s.execute(waiting.with_for_update(skip_locked=True) if skip_locked else waiting).all()
     served.clients_seen = len(clients)
-    if skip_locked:
+    if skip_locked and len(clients) < batch:  # a full batch: the caller makes another pass anyway
         served.skipped = _skipped(s, waiting, clients)
     if not clients:
         return served
@@ -267,7 +268,10 @@ def serve_batch(
         )
     ):
         held[client_id].add(task_id)
-    window = 2 * batch
+    # Twice the shards asked for, at most twice the batch: the rows read and locked follow the
+    # demand (one client asking locked 100 shards, most of a pass's time). A client that fits
+    # nothing in the window while more wait beyond it gets the per-client claim (``starved``).
+    window = min(2 * batch, max(MIN_WINDOW, 2 * sum(c.pending_requests for c in clients)))
     queued = (
         select(*SHARD_COLUMNS)
         .where(TaskShard.status == ShardState.QUEUED)
@@ -275,7 +279,7 @@ def serve_batch(
         .limit(window)
     )
     shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
-    if skip_locked and not served.skipped:
+    if skip_locked and not served.skipped and len(shards) < window:  # a full window: see ``starved``
         served.skipped = _skipped(s, queued, shards)
     matched = match(
         clients, shards, held, max_tasks, timed_out_pairs(s, [r.id for r in shards if r.attempts > 0])

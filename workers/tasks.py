@@ -59,16 +59,18 @@ BATCH = 50  # waiting clients served per transaction
 SKIPPED_RETRY_S = 0.02  # when a pass skipped rows locked by someone else, it looks again after this
 SKIPPED_TRIES = 5  # ... this many times in a row; then a job looks again later
 SCHEDULE_LOCK = "aifarm_schedule"  # one scheduler at a time, across every worker
+MIN_LISTEN_S = 0.01  # a shorter wait for the next ring is not worth starting
 HOLD_S = 10.0  # a scheduler hands over to a new job after this long (worker shutdown, fairness)
 
 
 @celery.task(name="workers.tasks.schedule", **RETRY)
 def schedule(self: Any) -> int:
-    """Serve waiting clients while fitting work is queued (:func:`run_scheduler`)."""
-    return run_scheduler()
+    """Serve waiting clients while fitting work is queued (:func:`run_scheduler`); then wait
+    up to ``SCHEDULE_LISTEN`` seconds for the next request before ending."""
+    return run_scheduler(listen=settings().SCHEDULE_LISTEN)
 
 
-def run_scheduler() -> int:
+def run_scheduler(listen: float = 0.0) -> int:
     """Serve waiting clients, one scheduler at a time (a named lock in the database).
 
     Two schedulers at once only got in each other's way: each skipped the rows the other had
@@ -77,6 +79,10 @@ def run_scheduler() -> int:
     requests, released shards, a job that found the lock taken), makes another pass, and
     looks at it once more after letting go, so no request is left unserved. Jobs that just
     made work available (a new round's shards) call this inline. Returns assignments made.
+
+    With ``listen`` > 0 the holder, once nothing is owed, waits that long for the next ring
+    (:meth:`store.bus.Bus.wait_for_ring`) instead of ending: under a steady stream of requests
+    each is served by the scheduler already holding the lock, without a job of its own.
     """
     bus = get_bus()
     db = get_db()
@@ -84,9 +90,12 @@ def run_scheduler() -> int:
     while True:
         with db.exclusive(SCHEDULE_LOCK) as mine:
             if not mine:
-                bus.set_flag(SCHEDULE_PENDING, ttl=5.0)  # the holder makes one more pass
+                bus.ring_scheduler()  # the holder makes one more pass
                 return assigned
-            served, handover = _hold(bus)
+            try:
+                served, handover = _hold(bus, listen)
+            finally:
+                bus.stop_listening()  # before the lock goes: rings send jobs again
             assigned += served
         if handover:  # sent once the lock is free, so the fresh job can take it
             schedule.delay()
@@ -95,9 +104,10 @@ def run_scheduler() -> int:
             return assigned
 
 
-def _hold(bus: Any) -> tuple[int, bool]:
-    """Passes while the scheduler lock is held: until no pass is owed, or :data:`HOLD_S`
-    (then True: a fresh job goes on, and this one ends, so that its worker can stop)."""
+def _hold(bus: Any, listen: float) -> tuple[int, bool]:
+    """Passes while the scheduler lock is held: until no pass is owed and no ring came within
+    ``listen`` seconds, or :data:`HOLD_S` (then True: a fresh job goes on, and this one ends,
+    so that its worker can stop)."""
     assigned = 0
     skipped_in_a_row = 0
     handover = False
@@ -113,6 +123,12 @@ def _hold(bus: Any) -> tuple[int, bool]:
         if done.more or bus.is_set(SCHEDULE_PENDING):
             continue
         if not done.skipped:
+            wait = min(listen, until - time.monotonic())
+            if wait < MIN_LISTEN_S:  # HOLD_S cut listening short: a fresh job listens on
+                handover = listen > 0
+                break
+            if bus.wait_for_ring(wait):
+                continue
             break
         if skipped_in_a_row > SKIPPED_TRIES:  # someone holds rows for long: look again later
             schedule.apply_async(countdown=0.5)

@@ -1,0 +1,208 @@
+"""The scheduler waits a moment for the next request instead of ending (``SCHEDULE_LISTEN``).
+
+Over a real Redis (a redis-server of this test's own, so that the session's worker, which
+listens on the shared one, cannot take the rings) and a MariaDB database of its own (the
+scheduler's named lock is per database).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import text
+
+import store.bus
+import store.db
+from store.bus import SCHEDULE_LISTENING, SCHEDULE_PENDING, RedisBus
+from store.db import Database
+from store.models import Client, Task, utcnow
+from tests.conftest import MYSQL_HOST, MYSQL_PORT, apply_schema, mysql_connect
+from tests.helpers import free_port, wait_for
+from workers import lifecycle
+
+
+@pytest.fixture
+def own_redis(services: None) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server must be installed"
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def up() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_for(up, 10, what="a redis-server of this test's own")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def own_db(services: None) -> Iterator[Database]:
+    name = f"aifarm_test_{os.getpid()}_listen"
+    conn = mysql_connect()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+    apply_schema(name)
+    db = Database(f"mysql+pymysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{name}")
+    yield db
+    db.engine.dispose()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+    conn.close()
+
+
+def add_client(db: Database, client_id: str, *, ram_gb: float, waiting: int) -> None:
+    now = utcnow()
+    with db.session() as s:
+        s.add(
+            Client(
+                id=client_id, cpu_info={"cores": 4}, ram_info={"total_gb": ram_gb}, cpu_cores=4,
+                ram_gb=ram_gb, token_hash="x" * 64, status="active", last_seen=now, created_at=now,
+                conn_id=f"conn-{client_id}", pending_requests=waiting, requested_at=now if waiting else None,
+            )
+        )  # fmt: skip
+
+
+def add_task(db: Database, *, shards: int, priority: int = 0, ram_gb: float = 0) -> int:
+    now = utcnow()
+    with db.session() as s:
+        task = Task(
+            type="echo", requirements={"ram_gb": ram_gb}, status="pending", created_at=now,
+            updated_at=now, num_shards=shards, priority=priority, config={},
+        )  # fmt: skip
+        s.add(task)
+        s.flush()
+        lifecycle.create_shards(s, task, 0, now)
+        return int(task.id)
+
+
+def test_a_client_that_fits_nothing_in_the_window_gets_a_shard_beyond_it(
+    own_redis: str, own_db: Database
+) -> None:
+    """A pass reads twice as many queued shards as were asked for (at least MIN_WINDOW). One
+    small client, ahead of it in priority order more shards than that which it cannot run:
+    the per-client claim finds the one it can."""
+    from workers.scheduling import MIN_WINDOW
+    from workers.tasks import serve_waiting
+
+    add_task(own_db, shards=MIN_WINDOW + 4, priority=5, ram_gb=64)  # first in order; too big for it
+    small = add_task(own_db, shards=1, priority=0, ram_gb=2)
+    add_client(own_db, "c-small", ram_gb=8, waiting=1)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(RedisBus(own_redis))
+    try:
+        done = serve_waiting()
+    finally:
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert done.assigned == 1
+    with own_db.session() as s:
+        got = s.execute(text("SELECT task_id FROM task_assignments WHERE client_id = 'c-small'")).all()
+    assert got == [(small,)]
+
+
+def test_a_ring_goes_to_the_listening_scheduler_and_sends_a_job_otherwise(own_redis: str) -> None:
+    bus = RedisBus(own_redis)
+    assert bus.ring_scheduler() is True  # nothing owed, nobody listening: send a job
+    assert bus.ring_scheduler() is False  # that job is owed already: one is enough
+    assert bus.wait_for_ring(3.0) is True  # owed before the scheduler listened: at once
+
+    bus.clear_flag(SCHEDULE_PENDING)
+    assert bus.wait_for_ring(0.05) is False  # nothing came
+    got: list[bool] = []
+    listener = threading.Thread(target=lambda: got.append(bus.wait_for_ring(3.9)))
+    listener.start()
+    wait_for(lambda: bus.is_set(SCHEDULE_LISTENING), 5, what="the scheduler listening")
+    assert bus.ring_scheduler() is False  # the listener takes it: no job
+    listener.join(10)
+    assert got == [True]  # woken by the ring, not by its timeout (which returns False)
+
+    bus.stop_listening()
+    bus.clear_flag(SCHEDULE_PENDING)
+    assert bus.ring_scheduler() is True  # nobody listens any more: jobs again
+
+
+def test_a_listening_scheduler_serves_a_request_without_a_job(own_redis: str, own_db: Database) -> None:
+    from workers.tasks import run_scheduler
+
+    add_client(own_db, "c-listen", ram_gb=8, waiting=0)  # connected, not asking yet
+    add_task(own_db, shards=1)
+    bus = RedisBus(own_redis)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(bus)
+    served: list[int] = []
+    try:
+        scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=3.0)))
+        scheduler.start()  # nobody waits: one empty pass, then it listens
+        wait_for(lambda: bus.is_set(SCHEDULE_LISTENING), 10, what="the scheduler listening")
+        with own_db.session() as s:  # the client asks, as the web tier's intake writes it
+            s.get(Client, "c-listen").pending_requests = 1  # type: ignore[union-attr]
+            s.get(Client, "c-listen").requested_at = utcnow()  # type: ignore[union-attr]
+        assert bus.ring_scheduler() is False  # what the web tier does next: no job is sent
+        scheduler.join(30)
+        assert not scheduler.is_alive()
+    finally:
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert served == [1]  # the one run served the request it was rung for, then ended
+    with own_db.session() as s:
+        assert s.get(Client, "c-listen").pending_requests == 0  # type: ignore[union-attr]
+    assert not bus.is_set(SCHEDULE_LISTENING)  # it said so when it ended: rings send jobs again
+    assert bus.ring_scheduler() is True
+
+
+def test_a_scheduler_hands_over_after_hold_s_with_the_lock_free(
+    own_redis: str, own_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under requests that never stop, a holder ends after HOLD_S so its worker can stop: it
+    stops listening and lets go of the lock before it sends the fresh job, which can take it."""
+    import workers.tasks
+    from workers.tasks import SCHEDULE_LOCK, run_scheduler
+
+    bus = RedisBus(own_redis)
+    sent: list[tuple[bool, bool]] = []
+
+    def send_fresh_job() -> None:  # Celery's send, observed: where are the lock and the listening mark?
+        with own_db.exclusive(SCHEDULE_LOCK) as free:
+            sent.append((free, bus.is_set(SCHEDULE_LISTENING)))
+
+    monkeypatch.setattr(workers.tasks, "HOLD_S", 0.5)
+    monkeypatch.setattr(workers.tasks.schedule, "delay", send_fresh_job)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(bus)
+    stop = threading.Event()
+
+    def ring_forever() -> None:  # a request every 10 ms, as a steady stream would
+        while not stop.wait(0.01):
+            bus.ring_scheduler()
+
+    ringer = threading.Thread(target=ring_forever)
+    try:
+        ringer.start()
+        assert run_scheduler(listen=3.0) == 0  # nothing to assign; it ends by handing over
+    finally:
+        stop.set()
+        ringer.join(10)
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert sent == [(True, False)]  # one fresh job, sent with the lock free and nobody listening
