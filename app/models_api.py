@@ -8,8 +8,11 @@ place, and only then recorded, with a compare-and-set, on the client's open assi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from sqlalchemy import select
@@ -185,9 +188,20 @@ def model_card(task_id: int) -> Response:
     return jsonify(card)
 
 
-def _drain() -> None:
-    stream = request.stream
-    while stream.read(CHUNK):
+def _chunks(stream: Any) -> Iterator[bytes]:
+    """A request body, a CHUNK at a time, yielding to the process's other sockets in between
+    (``time.sleep(0)``; gevent's, under gunicorn). From a fast client a read never has to wait,
+    so without it no other socket was served until the whole body was read: 300 MiB on a slow
+    machine took over 30 s, and gunicorn's arbiter killed the worker with every socket it held."""
+    while chunk := stream.read(CHUNK):
+        yield chunk
+        time.sleep(0)
+
+
+def _drain(stream: Any = None) -> None:
+    """Read what is left of the body and drop it: a client sends it all before it reads the
+    answer. (Left unread, gunicorn reads it too, without yielding, before the next request.)"""
+    for _ in _chunks(request.stream if stream is None else stream):
         pass
 
 
@@ -217,6 +231,7 @@ def upload_update(task_id: int, round_no: int, rank: int) -> tuple[Response, int
         raise ApiError(401, "send X-Client-Id and 'Authorization: Bearer <client token>'")
     num_examples = _num_examples()
     if (request.content_length or 0) > settings.MAX_UPLOAD_SIZE:
+        _drain(request.environ["wsgi.input"])  # request.stream refuses a body over the limit
         raise ApiError(413, f"an update may be at most {settings.MAX_UPLOAD_SIZE} bytes", "too_large")
     try:
         to = db().run(lambda s: updates.target(s, client_id, task_id, round_no, rank))
@@ -268,8 +283,9 @@ def _receive_checked(max_bytes: int, model_rel: str, where: tuple[int, int, int]
     """
     blob_store = store()
     try:
-        tmp, size, sha = blob_store.receive(iter(lambda: request.stream.read(CHUNK), b""), max_bytes)
+        tmp, size, sha = blob_store.receive(_chunks(request.stream), max_bytes)
     except TooLarge:
+        _drain(request.environ["wsgi.input"])  # a chunked body: the rest of it
         raise ApiError(413, f"an update may be at most {max_bytes} bytes", "too_large") from None
     try:
         model_path = blob_store.path(model_rel)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import pickle
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -166,10 +169,10 @@ def fetch_model(port: int, c: WsClient, task: dict[str, Any]) -> dict[str, np.nd
 
 
 def upload(
-    port: int, c: WsClient, task: dict[str, Any], data: bytes, examples: str = "10"
+    port: int, c: WsClient, task: dict[str, Any], data: bytes, examples: str = "10", timeout: float = 30
 ) -> tuple[int, Any]:
     headers = {**auth(c), "X-Num-Examples": examples, "Content-Type": "application/octet-stream"}
-    return request(port, "PUT", task["update_url"], token=None, headers=headers, raw=data)
+    return request(port, "PUT", task["update_url"], token=None, headers=headers, raw=data, timeout=timeout)
 
 
 def nothing_stored(db: Database, task_id: int) -> bool:
@@ -252,10 +255,45 @@ def test_upload_limits_and_auth(
         headers={"X-Client-Id": holder.client_id or "", "X-Num-Examples": "5"},
     )
     assert status == 401
-    too_big = b"\x00" * (300 << 20)  # over MAX_UPLOAD_SIZE (256 MiB)
-    status, body = upload(server, holder, task, too_big)
-    assert status == 413 and body["error"] == "too_large"
+    assert nothing_stored(db, task["id"])  # over MAX_UPLOAD_SIZE: the next test
+
+
+def test_the_web_process_serves_others_while_it_reads_a_large_upload(
+    server: int, holder: WsClient, assigned: tuple[dict[str, Any], dict[str, np.ndarray]], db: Database
+) -> None:
+    """An upload over the limit is read (a MiB at a time, yielding between) and refused, while
+    the process serves its other sockets. Left unread, gunicorn read the body 8 KiB at a time
+    after the answer: over 30 s for 300 MiB on a slow machine, where its arbiter then killed the
+    worker (WORKER TIMEOUT) and every socket on it, the holder's included."""
+    task, _ = assigned
+    total, chunk = 300 << 20, b"\x00" * (1 << 20)  # over MAX_UPLOAD_SIZE: read and refused
+    sent = [0]
+    answer: list[tuple[int, dict[str, Any]]] = []
+
+    def body() -> Iterator[bytes]:
+        for _ in range(total // len(chunk)):
+            yield chunk
+            sent[0] += len(chunk)
+
+    def push() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=300)
+        headers = {**auth(holder), "X-Num-Examples": "10", "Content-Length": str(total)}
+        conn.request("PUT", task["update_url"], body=body(), headers=headers)
+        response = conn.getresponse()
+        answer.append((response.status, json.loads(response.read())))
+        conn.close()
+
+    uploader = threading.Thread(target=push, daemon=True)
+    uploader.start()
+    wait_for(lambda: sent[0] >= 32 << 20, 120, what="32 MiB of the upload sent")
+    assert request(server, "GET", "/healthz", timeout=300)[0] == 200
+    sent_when_answered = sent[0]
+    uploader.join(300)
+    assert answer and answer[0][0] == 413 and answer[0][1]["error"] == "too_large"
+    assert sent_when_answered < total  # answered while the upload was still being read
     assert nothing_stored(db, task["id"])
+    holder.send({"type": "launch_missiles"})  # the holder's socket, connected before, still answers
+    holder.expect_error("unknown_type")
 
 
 def test_an_upload_twice_is_counted_once(
