@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,26 @@ def services() -> None:
         pytest.fail(f"Redis at {REDIS_BASE} is unreachable: {error}. Start it (see .ci/run).")
 
 
-@pytest.fixture(scope="session")
-def mysql_url(services: None) -> Iterator[str]:
-    name = f"aifarm_test_{os.getpid()}"
+@contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """A MariaDB database ``name`` made from schema.sql, dropped afterwards; yields its URL."""
     conn = mysql_connect()
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name}")
         cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
     apply_schema(name)
-    yield f"mysql+pymysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.close()
+    try:
+        yield f"mysql+pymysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_url(services: None) -> Iterator[str]:
+    with fresh_database(f"aifarm_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

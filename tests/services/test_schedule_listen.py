@@ -22,7 +22,7 @@ import store.db
 from store.bus import SCHEDULE_LISTENING, SCHEDULE_PENDING, RedisBus
 from store.db import Database
 from store.models import Client, Task, utcnow
-from tests.conftest import MYSQL_HOST, MYSQL_PORT, apply_schema, mysql_connect
+from tests.conftest import fresh_database
 from tests.helpers import free_port, wait_for
 from workers import lifecycle
 
@@ -54,18 +54,10 @@ def own_redis(services: None) -> Iterator[str]:
 
 @pytest.fixture
 def own_db(services: None) -> Iterator[Database]:
-    name = f"aifarm_test_{os.getpid()}_listen"
-    conn = mysql_connect()
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
-    apply_schema(name)
-    db = Database(f"mysql+pymysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{name}")
-    yield db
-    db.engine.dispose()
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.close()
+    with fresh_database(f"aifarm_test_{os.getpid()}_listen") as url:
+        db = Database(url)
+        yield db
+        db.engine.dispose()
 
 
 def add_client(db: Database, client_id: str, *, ram_gb: float, waiting: int) -> None:
