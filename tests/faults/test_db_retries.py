@@ -97,6 +97,43 @@ def test_a_server_that_stays_down_is_not_waited_for_and_the_same_pool_recovers(
     assert labels(db) == ["after"]
 
 
+def test_a_pooled_connection_cut_while_in_steady_use_fails_once_and_is_run_again(
+    proxied: Database, proxy: Proxy, db: Database
+) -> None:
+    """No ping on checkout of a connection used within PING_IDLE_S: the cut is found by the
+    first statement, and ``run`` runs the transaction again on a new connection."""
+    proxied.run(lambda s: s.execute(text("SELECT 1")))  # one connection in the pool, just used
+    proxy.refuse()  # the server restarts between two transactions
+    proxy.restore()
+    runs: list[int] = []
+
+    def work(s: Session) -> int:
+        runs.append(1)
+        return new_task(s, "steady")
+
+    proxied.run(work)
+    assert len(runs) == 2  # the first run hit the cut connection, the second a new one
+    assert labels(db) == ["steady"]
+
+
+def test_a_pooled_connection_idle_for_a_while_is_pinged_and_replaced_before_use(
+    proxied: Database, proxy: Proxy, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxied.run(lambda s: s.execute(text("SELECT 1")))
+    proxy.refuse()  # the server restarted while the connection sat in the pool
+    proxy.restore()
+    monkeypatch.setattr("store.db.PING_IDLE_S", 0.0)  # it has been idle "long enough"
+    runs: list[int] = []
+
+    def work(s: Session) -> int:
+        runs.append(1)
+        return new_task(s, "idle")
+
+    proxied.run(work)
+    assert len(runs) == 1  # the ping found it dead at checkout; the work ran once, on a new one
+    assert labels(db) == ["idle"]
+
+
 def test_a_commit_whose_connection_is_lost_is_not_run_again(
     proxied: Database, proxy: Proxy, db: Database
 ) -> None:
