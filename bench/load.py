@@ -213,8 +213,9 @@ class Driver:
         return {"acks": acks, "errors": errors, "latencies": latencies}
 
     async def steady(self, start_at: float, rate: float, count: int, heartbeat: float) -> dict[str, Any]:
-        """``count`` of this driver's clients each send one task_request, ``rate`` per second
-        in all (evenly spaced), while every socket sends a heartbeat every ``heartbeat`` s."""
+        """``count`` task_requests, ``rate`` per second in all (evenly spaced), one socket after
+        the other (a socket asks again once the others asked), while every socket sends a
+        heartbeat every ``heartbeat`` s."""
         await asyncio.sleep(max(0.0, start_at - time.time()))
         latencies: list[float] = []
         errors: list[str] = []
@@ -244,11 +245,13 @@ class Driver:
             if heartbeat > 0
             else []
         )
-        asks = []
+        asks: list[asyncio.Task[None]] = []
         t0 = time.perf_counter()
-        for i, ws in enumerate(self.socks[:count]):
+        for i in range(count):  # past the last socket, the first ones ask again (after their last answer)
             await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-            asks.append(asyncio.create_task(ask(ws)))
+            if i >= n:
+                await asks[i - n]
+            asks.append(asyncio.create_task(ask(self.socks[i % n])))
         offered_s = time.perf_counter() - t0
         await asyncio.gather(*asks)
         beating = False
@@ -474,7 +477,8 @@ def run_load(
         out["result_ack_p99_ms"] = pct(ack_latencies, 0.99) * 1000
         # 5. steady requests while every client is connected and sends heartbeats
         if steady_seconds > 0:
-            count = min(out["registered"], int(steady_rate * steady_seconds))
+            # each client asks at most twice: it holds at most MAX_TASKS_PER_CLIENT (3) tasks
+            count = min(2 * out["registered"], int(steady_rate * steady_seconds))
             queue_shards(port, count, token, database_url)
             shares = [len(r) for r in _split(count, drivers)]
             for pipe, share in zip(group.pipes, shares, strict=True):
