@@ -68,7 +68,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     set_bus(bus)
     intake = Intake(db, max_tasks=settings.MAX_TASKS_PER_CLIENT, written=jobs.request_schedule)
     results = Results(db, settings, advance=jobs.advance_task, written=jobs.request_schedule)
-    hub = Hub(db, bus, interval=settings.RECONCILE_INTERVAL, intake=intake, results=results)
+    hub = Hub(
+        db,
+        bus,
+        interval=settings.RECONCILE_INTERVAL,
+        intake=intake,
+        results=results,
+        connection_timeout=settings.CONNECTION_TIMEOUT,
+    )
     app.extensions["aifarm.db"] = db
     app.extensions["aifarm.hub"] = hub
 

@@ -74,6 +74,12 @@ WS_MESSAGES = Counter(
     ["direction", "type"],
 )
 WS_ERRORS = Counter("aifarm_ws_errors", "WebSocket error messages sent, by code", ["code"])
+TASKS_PUSHED = Counter(
+    "aifarm_tasks_pushed",
+    "task messages sent, by how the web process learnt of the assignment: from the scheduler's "
+    "ring (ring) or by reading the database (read: a reconcile, or a task whose spec it had not cached)",
+    ["source"],
+)
 UPDATE_BYTES = Counter(
     "aifarm_update_bytes",
     "Bytes of model updates accepted (201) by the model exchange (their Content-Length)",
@@ -91,6 +97,11 @@ def ws_in(kind: str) -> None:
 
 def ws_out(kind: str) -> None:
     WS_MESSAGES.labels("out", kind).inc()
+
+
+def pushed(source: str, count: int) -> None:
+    if count:
+        TASKS_PUSHED.labels(source).inc(count)
 
 
 def ws_error(code: str) -> None:

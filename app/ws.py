@@ -108,8 +108,11 @@ class Connection:
         with contextlib.suppress(Exception):  # it may be closed already
             self.ws.close(reason=CLOSE_POLICY, message="superseded")
 
-    def apply(self, open_rows: list[assignments.Open]) -> None:
-        """Bring the client in line with its open assignments in the database."""
+    def apply(self, open_rows: list[assignments.Open], *, complete: bool = True) -> int:
+        """Bring the client in line with its open assignments in the database (``complete``:
+        all of them; else only new ones, as the scheduler's ring carried them: sent if not
+        sent before, and nothing else). Returns how many ``task`` messages were sent."""
+        sent = 0
         with self._lock:
             desired = {row.assignment_id: row for row in open_rows}
             for aid, row in desired.items():
@@ -118,16 +121,21 @@ class Connection:
                 if aid not in self._held:
                     self._held[aid] = row
                     self.send(task_message(row))
+                    sent += 1
                     log.info(
                         "event=dispatch task=%d round=%d rank=%d client=%s assignment=%d",
                         row.task_id, row.round, row.rank, row.client_id, aid,
                     )  # fmt: skip
+                if not complete:
+                    continue
                 if row.task_status == TaskState.PAUSED and row.task_id not in self._paused:
                     self._paused.add(row.task_id)
                     self.send({"type": "pause", "task_id": row.task_id})
                 elif row.task_status != TaskState.PAUSED and row.task_id in self._paused:
                     self._paused.discard(row.task_id)
                     self.send({"type": "resume", "task_id": row.task_id})
+            if not complete:
+                return sent
             for aid in [a for a in self._held if a not in desired]:
                 row = self._held.pop(aid)
                 self._progress.pop(aid, None)
@@ -135,6 +143,7 @@ class Connection:
                 if aid not in self._finished:
                     self.send({"type": "stop", "task_id": row.task_id})
                     log.info("event=stop task=%d client=%s assignment=%d", row.task_id, row.client_id, aid)
+        return sent
 
     def take_progress(self) -> list[tuple[int, float, dict[str, Any]]]:
         with self._lock:

@@ -131,6 +131,31 @@ class Open:
     requirements: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Made:
+    """A new assignment as the scheduler publishes it with its doorbell ring, so the web
+    process that holds the client pushes the ``task`` without reading it back: an
+    :class:`Open` without the task's state (running: a shard of it was just handed out) and
+    its spec (config and requirements, which never change once submitted: the web process
+    caches them, and reads the database when it has not)."""
+
+    assignment_id: int
+    client_id: str
+    task_id: int
+    round: int
+    rank: int
+    task_type: str
+    num_shards: int
+
+    def as_open(self, spec: tuple[dict[str, Any], dict[str, Any]]) -> Open:
+        config, requirements = spec
+        return Open(
+            assignment_id=self.assignment_id, client_id=self.client_id, task_id=self.task_id,
+            round=self.round, rank=self.rank, task_type=self.task_type, task_status=TaskState.RUNNING,
+            num_shards=self.num_shards, config=config, requirements=requirements,
+        )  # fmt: skip
+
+
 def open_for_clients(
     s: Session, client_ids: Sequence[str], specs: dict[int, tuple[dict[str, Any], dict[str, Any]]]
 ) -> list[Open]:

@@ -1,20 +1,25 @@
 """The doorbell: "look at these clients again". Redis pub/sub in production, in-process when embedded.
 
-A ring carries no data, only client ids (or "everyone"). The web process that holds a
-client's socket answers by re-reading that client's open assignments from the database, so
-a lost ring only delays delivery until the web tier's periodic reconcile
-(``RECONCILE_INTERVAL``) reads them anyway.
+A ring carries client ids (or "everyone"). The web process that holds a client's socket
+answers by re-reading that client's open assignments from the database, so a lost ring only
+delays delivery until the web tier's periodic reconcile (``RECONCILE_INTERVAL``) reads them
+anyway. The scheduler's ring also carries the assignments it just committed
+(:class:`store.assignments.Made`), so the web process pushes them without reading them back;
+the database stays the source: what the ring said is checked by the next reconcile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import server_settings
+from store.assignments import Made
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +30,13 @@ SCHEDULE_BELL = "aifarm:schedule:bell"  # the ring it waits for (a list of at mo
 PENDING_TTL = 5.0  # seconds: a flag nobody clears (a scheduler died) lets jobs be sent again
 MAX_LISTEN_S = 4.0  # below the pool's socket timeout (5 s), which a longer BLPOP would hit
 LISTEN_MARGIN_S = 1.0  # the listening mark outlives a wait by this much, so a ring in the gap finds it
-Listener = Callable[[list[str] | None], None]  # None: every local client
+Listener = Callable[[list[str] | None, list[Made]], None]  # None: every local client
 
 
 class Bus:
-    def publish(self, client_ids: Iterable[str] | None) -> None:
+    def publish(self, client_ids: Iterable[str] | None, made: Sequence[Made] = ()) -> None:
+        """Ring for these clients (None: every client); ``made``: new assignments of theirs,
+        committed, that their web process may push as they are."""
         raise NotImplementedError
 
     def set_flag(self, name: str, ttl: float) -> bool:
@@ -89,12 +96,12 @@ class LocalBus(Bus):
         with self._flag_lock:
             return self._flags.get(name, 0.0) > time.monotonic()
 
-    def publish(self, client_ids: Iterable[str] | None) -> None:
+    def publish(self, client_ids: Iterable[str] | None, made: Sequence[Made] = ()) -> None:
         ids = None if client_ids is None else list(client_ids)
         if ids == []:
             return
         for listener in list(self._listeners):
-            listener(ids)
+            listener(ids, list(made))
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -128,12 +135,12 @@ class RedisBus(Bus):
         self._redis = redis.Redis(connection_pool=pool)
         self._ring = self._redis.register_script(_RING)
 
-    def publish(self, client_ids: Iterable[str] | None) -> None:
+    def publish(self, client_ids: Iterable[str] | None, made: Sequence[Made] = ()) -> None:
         ids = None if client_ids is None else list(client_ids)
         if ids == []:
             return
         try:
-            self._redis.publish(CHANNEL, json.dumps({"clients": ids}))
+            self._redis.publish(CHANNEL, ring_body(ids, made))
         except Exception as error:  # a lost ring is recovered by the periodic reconcile
             log.warning("event=doorbell_publish state=failed error=%s", type(error).__name__)
 
@@ -203,16 +210,16 @@ class RedisBus(Bus):
                 pubsub.subscribe(CHANNEL)
                 log.info("event=doorbell_subscribe state=ok")
                 delay = 0.5
-                listener(None)  # rings may have been missed while we were away
+                listener(None, [])  # rings may have been missed while we were away
                 for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
                     try:
-                        body = json.loads(message["data"])
-                        ids = body.get("clients")
-                        listener(None if ids is None else [str(i) for i in ids])
+                        ids, made = parse_ring(message["data"])
                     except (ValueError, TypeError, AttributeError):
                         log.warning("event=doorbell_message state=malformed")
+                        continue
+                    listener(ids, made)
             except Exception as error:
                 log.warning(
                     "event=doorbell_subscribe state=failed error=%s retry_in=%.1f",
@@ -221,6 +228,26 @@ class RedisBus(Bus):
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def ring_body(client_ids: list[str] | None, made: Sequence[Made] = ()) -> str:
+    """A doorbell message (:func:`parse_ring` reads it)."""
+    body: dict[str, Any] = {"clients": client_ids}
+    if made:
+        body["made"] = [dataclasses.astuple(m) for m in made]
+    return json.dumps(body)
+
+
+def parse_ring(data: str | bytes) -> tuple[list[str] | None, list[Made]]:
+    """A doorbell message: (client ids or None for everyone, new assignments). Raises
+    ValueError, TypeError or AttributeError when it is malformed."""
+    body = json.loads(data)
+    ids = body.get("clients")
+    made = [
+        Made(int(a), str(c), int(t), int(r), int(k), str(y), int(n))
+        for a, c, t, r, k, y, n in body.get("made", [])
+    ]
+    return (None if ids is None else [str(i) for i in ids]), made
 
 
 _bus: Bus | None = None

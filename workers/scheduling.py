@@ -18,6 +18,7 @@ from sqlalchemy import Select, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 import server_settings
+from store.assignments import Made
 from store.db import affected
 from store.models import Client, Task, TaskAssignment, TaskShard
 from store.reliability import quota, score
@@ -78,9 +79,9 @@ def fill_client(
     max_tasks: int,
     skip_locked: bool,
     settings: server_settings.Settings = DEFAULTS,
-) -> list[int]:
+) -> list[Made]:
     """Give a waiting client as much fitting work as it asked for and may hold; returns the
-    new assignment ids.
+    new assignments.
 
     The client row is locked first, so two schedulers serving the same client cannot both
     fill its last slot, nor give it two ranks of one task.
@@ -111,12 +112,12 @@ def fill_client(
         claimed.append(shard)
     if not claimed:
         return []
-    ids = write_assignments(s, [(client_id, shard) for shard in claimed], now, settings)
+    made = write_assignments(s, [(client_id, shard) for shard in claimed], now, settings)
     client.pending_requests -= len(claimed)
     if client.pending_requests <= 0:
         client.pending_requests = 0
         client.requested_at = None
-    return ids
+    return made
 
 
 def fits(client: Any, shard: Any) -> bool:
@@ -223,7 +224,7 @@ def match(
 
 @dataclass
 class Served:
-    assignments: list[tuple[str, int]] = field(default_factory=list)  # (client id, assignment id)
+    assignments: list[Made] = field(default_factory=list)
     starved: list[str] = field(default_factory=list)  # fit nothing in the window; more shards wait
     clients_seen: int = 0
     skipped: bool = False  # waiting clients or queued shards were locked by someone else
@@ -293,7 +294,7 @@ def serve_batch(
     if not pairs:
         return served
     throughput = {client.id: client.throughput for client in clients}
-    ids = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings, throughput)
+    made = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings, throughput)
     got = Counter(client.id for client, _ in pairs)
     left = {c.id: max(0, c.pending_requests - got[c.id]) for c in clients if got[c.id]}
     since = {c.id: c.requested_at if left[c.id] else None for c in clients if got[c.id]}
@@ -303,7 +304,7 @@ def serve_batch(
         .values(pending_requests=case(left, value=Client.id), requested_at=case(since, value=Client.id))
         .execution_options(synchronize_session=False)
     )
-    served.assignments = [(client.id, aid) for (client, _), aid in zip(pairs, ids, strict=True)]
+    served.assignments = made
     return served
 
 
@@ -313,18 +314,18 @@ def write_assignments(
     now: datetime,
     settings: server_settings.Settings = DEFAULTS,
     throughput: dict[str, float | None] | None = None,
-) -> list[int]:
+) -> list[Made]:
     """Record (client id, shard) pairs as assignments, each with its deadline: one INSERT, the
-    shards marked assigned, and their tasks started. Returns the assignment ids in order.
+    shards marked assigned, and their tasks started. Returns the new assignments in order.
     ``throughput``: the clients' measured rates, when the caller read them already."""
-    tasks: dict[int, tuple[str, dict[str, Any]]] = {}
+    tasks: dict[int, tuple[str, dict[str, Any], int]] = {}
     pending: list[int] = []
     for row in s.execute(
-        select(Task.id, Task.type, Task.config, Task.status).where(
+        select(Task.id, Task.type, Task.config, Task.status, Task.num_shards).where(
             Task.id.in_({shard.task_id for _, shard in pairs})
         )
     ):
-        tasks[row.id] = (row.type, row.config or {})
+        tasks[row.id] = (row.type, row.config or {}, row.num_shards)
         if row.status == TaskState.PENDING:
             pending.append(row.id)
     if throughput is None:
@@ -335,7 +336,7 @@ def write_assignments(
         )
 
     def deadline(client_id: str, task_id: int) -> datetime:
-        task_type, task_config = tasks[task_id]
+        task_type, task_config, _ = tasks[task_id]
         return now + timedelta(
             seconds=deadline_seconds(task_type, task_config, throughput.get(client_id), settings)
         )
@@ -368,7 +369,11 @@ def write_assignments(
         .execution_options(synchronize_session=False)
     )
     _start_tasks(s, pairs, pending, now)
-    return ids
+    made = []
+    for (client_id, shard), aid in zip(pairs, ids, strict=True):
+        task_type, _, num_shards = tasks[shard.task_id]
+        made.append(Made(aid, client_id, shard.task_id, shard.round, shard.rank, task_type, num_shards))
+    return made
 
 
 def timed_out_pairs(s: Session, shard_ids: Sequence[int]) -> set[tuple[str, int]]:

@@ -164,12 +164,12 @@ def serve_waiting() -> Pass:
                 settings=cfg,
             )
         )
-        bus.publish(sorted({cid for cid, _ in served.assignments}))
+        bus.publish(sorted({m.client_id for m in served.assignments}), served.assignments)
         done.assigned += len(served.assignments)
         done.skipped = done.skipped or served.skipped
         for cid in served.starved:  # fit nothing in the window: the per-client claim looks deeper
 
-            def fill(s: Session, cid: str = cid) -> list[int]:
+            def fill(s: Session, cid: str = cid) -> list[assignments.Made]:
                 return scheduling.fill_client(
                     s,
                     cid,
@@ -179,9 +179,9 @@ def serve_waiting() -> Pass:
                     settings=cfg,
                 )
 
-            if db.run(fill):
-                done.assigned += 1
-                bus.publish([cid])
+            if made := db.run(fill):
+                done.assigned += len(made)
+                bus.publish([cid], made)
         if served.clients_seen < BATCH or not served.assignments:
             break
     else:

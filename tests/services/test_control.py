@@ -13,6 +13,7 @@ import pytest
 from store.db import Database
 from tests.conftest import rows
 from tests.helpers import Proc, WsClient, free_port, request, start_gunicorn, wait_for
+from tests.services.test_metrics import scrape, value
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -70,6 +71,46 @@ def put_status(server: int, task_id: int, target: str) -> dict:
     status, body = request(server, "PUT", f"/api/tasks/{task_id}/status", {"status": target})
     assert status == 200, body
     return body
+
+
+def pushed(server: int) -> dict[str, float]:
+    samples = scrape(server)
+    return {src: value(samples, "aifarm_tasks_pushed_total", source=src) for src in ("ring", "read")}
+
+
+@pytest.fixture
+def one_process(prod_env: dict[str, str], worker: Proc, run_dir: Path) -> Iterator[int]:
+    """One web process (its spec cache is the one both clients meet), reconciling hourly."""
+    port = free_port()
+    proc = start_gunicorn({**prod_env, "RECONCILE_INTERVAL": "3600"}, port, run_dir / "procs", workers=1)
+    yield port
+    proc.stop()
+
+
+def test_a_new_assignment_is_pushed_from_the_schedulers_ring_as_a_read_would_push_it(
+    one_process: int,
+) -> None:
+    """The scheduler's ring carries what it committed. The first assignment of a task is read
+    back (this web process has not seen the task's spec yet); the next is pushed as the ring
+    carried it, without a read, and is the same message."""
+    server = one_process
+    a, b = WsClient(server).register(), WsClient(server).register()
+    status, task = request(server, "POST", "/api/tasks", {"type": "echo", "config": {"num_shards": 2}})
+    assert status == 201
+    start = pushed(server)
+    a.request_task()
+    first = a.next_task()
+    read = pushed(server)
+    assert (read["ring"] - start["ring"], read["read"] - start["read"]) == (0, 1)
+    b.request_task()
+    second = b.next_task()
+    rung = pushed(server)
+    assert (rung["ring"] - read["ring"], rung["read"] - read["read"]) == (1, 0)
+    assert first["id"] == second["id"] == task["id"]
+    assert {first["rank"], second["rank"]} == {0, 1}
+    assert {k: v for k, v in first.items() if k != "rank"} == {k: v for k, v in second.items() if k != "rank"}
+    a.close()
+    b.close()
 
 
 def test_pause_and_resume_reach_every_holder(server: int, pair: tuple[WsClient, WsClient]) -> None:
