@@ -11,7 +11,7 @@ arrived during the previous write.
 
 Each message still gets its own answer after the commit, as a transaction of its own would
 have given it: its outcome, its own refusal (a result for a task the client does not hold
-is rolled back to its savepoint, the others commit), or the database error that
+wrote nothing, the others commit), or the database error that
 :meth:`GroupCommit.submit` raises for the whole batch (``Unavailable`` when it is down).
 """
 
@@ -200,9 +200,16 @@ class Result:
 Recorded = tuple[TaskAssignment, TaskShard | None, bool]  # (assignment, shard, duplicate)
 
 
-def record_result(s: Session, r: Result, now: datetime, settings: server_settings.Settings) -> Recorded:
+def record_result(
+    s: Session,
+    r: Result,
+    now: datetime,
+    settings: server_settings.Settings,
+    specs: dict[int, tuple[str, dict[str, Any]]] | None = None,
+) -> Recorded:
     """Record one result (``assignments.finish``); a result recorded before is a duplicate.
-    Raises the refusals in :data:`REFUSALS`."""
+    Raises the refusals in :data:`REFUSALS`, before writing anything. ``specs``: the tasks'
+    (type, config) read so far in this transaction."""
     try:
         assignment, shard = assignments.finish(
             s,
@@ -215,6 +222,7 @@ def record_result(s: Session, r: Result, now: datetime, settings: server_setting
             now,
             max_attempts=settings.MAX_SHARD_ATTEMPTS,
             max_tasks=settings.MAX_TASKS_PER_CLIENT,
+            specs=specs,
         )
     except NotAssigned:
         again = assignments.reported(s, r.client_id, r.task_id, r.round, r.status)
@@ -225,9 +233,11 @@ def record_result(s: Session, r: Result, now: datetime, settings: server_setting
 
 
 class Results(GroupCommit[Result, Recorded]):
-    """``task_result``: each in a savepoint of the batch's transaction, so one refused result
-    leaves the others; after the commit one ``advance_task`` per task and one scheduling ring
-    (a finished client may take more work, a failed shard is free again)."""
+    """``task_result``: a batch in one transaction. A refused result wrote nothing (every
+    refusal comes before the first write: ``assignments.finish``), so it leaves the others
+    without a savepoint each (two round trips of about ten per result); each task's type and
+    config are read once per batch. After the commit one ``advance_task`` per task and one
+    scheduling ring (a finished client may take more work, a failed shard is free again)."""
 
     def __init__(
         self,
@@ -240,14 +250,11 @@ class Results(GroupCommit[Result, Recorded]):
         def write(s: Session, results: list[Result]) -> list[Recorded | Exception]:
             now = utcnow()
             outcomes: list[Recorded | Exception | None] = [None] * len(results)
+            specs: dict[int, tuple[str, dict[str, Any]]] = {}
             # in one order (task, client) whoever writes: two batches never wait on each other in a cycle
             for i in sorted(range(len(results)), key=lambda i: (results[i].task_id, results[i].client_id)):
                 try:
-                    if len(results) == 1:  # no savepoint needed (nor possible on embedded SQLite)
-                        outcomes[i] = record_result(s, results[i], now, settings)
-                    else:
-                        with s.begin_nested():
-                            outcomes[i] = record_result(s, results[i], now, settings)
+                    outcomes[i] = record_result(s, results[i], now, settings, specs)
                 except REFUSALS as refusal:
                     outcomes[i] = refusal
             return [o for o in outcomes if o is not None]
@@ -265,7 +272,7 @@ class Results(GroupCommit[Result, Recorded]):
             if fresh:
                 written()
 
-        # Embedded SQLite: one result per transaction (pysqlite's SAVEPOINTs need workarounds).
+        # Embedded SQLite: one result per transaction (one process, one writer at a time).
         # Four transactions at once: a result is about ten statements, and one writer alone was
         # bound by their round trips, not by the CPU or the database.
         super().__init__(

@@ -59,6 +59,7 @@ def end_assignment(
     max_attempts: int,
     error: str | None = None,
     metrics: dict[str, Any] | None = None,
+    progress: float | None = None,
 ) -> TaskShard | None:
     """Move an open assignment to ``status`` (completed, failed, released or timed_out) and
     settle its shard.
@@ -72,6 +73,8 @@ def end_assignment(
         values["error"] = error[:10_000]
     if metrics is not None:
         values["metrics"] = metrics
+    if progress is not None:
+        values["progress"] = progress
     ended = affected(
         s.execute(
             update(TaskAssignment)
@@ -264,17 +267,8 @@ def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[s
     shard = s.execute(select(TaskShard).where(TaskShard.id == late.shard_id).with_for_update()).scalar_one()
     if shard.status not in UNSETTLED_SHARD:
         raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
-    if shard.assignment_id is not None and shard.assignment_id != late.id:
-        s.execute(
-            update(TaskAssignment)
-            .where(TaskAssignment.id == shard.assignment_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-            .values(
-                status=AssignmentState.RELEASED,
-                updated_at=now,
-                error=f"superseded by the late result of assignment {late.id}",
-            )
-            .execution_options(synchronize_session=False)
-        )
+    # The late copy's own compare-and-set first: a refusal comes before any write (the web
+    # tier writes a batch of results in one transaction, without a savepoint each)
     won = affected(
         s.execute(
             update(TaskAssignment)
@@ -290,6 +284,17 @@ def accept_late(s: Session, late: TaskAssignment, now: datetime, metrics: dict[s
     )
     if won != 1:
         raise Superseded(f"rank {late.rank} of task {late.task_id} is settled already")
+    if shard.assignment_id is not None and shard.assignment_id != late.id:
+        s.execute(
+            update(TaskAssignment)
+            .where(TaskAssignment.id == shard.assignment_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
+            .values(
+                status=AssignmentState.RELEASED,
+                updated_at=now,
+                error=f"superseded by the late result of assignment {late.id}",
+            )
+            .execution_options(synchronize_session=False)
+        )
     shard.status = ShardState.DONE
     shard.assignment_id = late.id
     shard.updated_at = now
@@ -354,16 +359,23 @@ def finish(
     *,
     max_attempts: int,
     max_tasks: int = 3,
+    specs: dict[int, tuple[str, dict[str, Any]]] | None = None,
 ) -> tuple[TaskAssignment, TaskShard | None]:
     """Record a client's ``task_result``. Raises NotAssigned, UnknownTask, UploadRequired,
-    Superseded or TimedOut.
+    Superseded or TimedOut, always before writing anything (so a batch of results needs no
+    savepoint per result).
 
     A federated round counts as completed only once its update was uploaded. A late result
-    (the assignment timed out) is accepted when its shard is still unsettled.
+    (the assignment timed out) is accepted when its shard is still unsettled. ``specs``: the
+    tasks' (type, config) read so far in this transaction (they never change), filled here.
     """
     a = find_open(s, client_id, task_id, round_no)
-    task = s.execute(select(Task.type, Task.config).where(Task.id == task_id)).one()
-    if status == AssignmentState.COMPLETED and a.checkpoint_path is None and task.type == FEDERATED:
+    specs = {} if specs is None else specs
+    if task_id not in specs:
+        row = s.execute(select(Task.type, Task.config).where(Task.id == task_id)).one()
+        specs[task_id] = (row.type, row.config or {})
+    task_type, task_config = specs[task_id]
+    if status == AssignmentState.COMPLETED and a.checkpoint_path is None and task_type == FEDERATED:
         raise UploadRequired(task_id)
     if a.status == AssignmentState.TIMED_OUT:
         if status != AssignmentState.COMPLETED:
@@ -371,16 +383,15 @@ def finish(
         shard: TaskShard | None = accept_late(s, a, now, metrics)
     else:
         shard = end_assignment(
-            s, a.id, status, now, max_attempts=max_attempts, error=error, metrics=metrics or a.metrics
-        )
-        if status == AssignmentState.COMPLETED:
-            s.execute(update(TaskAssignment).where(TaskAssignment.id == a.id).values(progress=100.0))
+            s, a.id, status, now, max_attempts=max_attempts, error=error, metrics=metrics or a.metrics,
+            progress=100.0 if status == AssignmentState.COMPLETED else None,
+        )  # fmt: skip
     if shard is not None:
         turnaround = (now - a.assigned_at).total_seconds()
         if status == AssignmentState.COMPLETED:
             rate = None
-            if task.type == FEDERATED and a.num_examples and turnaround > 0:
-                rate = a.num_examples * int((task.config or {}).get("local_epochs", 1)) / turnaround
+            if task_type == FEDERATED and a.num_examples and turnaround > 0:
+                rate = a.num_examples * int(task_config.get("local_epochs", 1)) / turnaround
             reliability.note(
                 s, client_id, "valid", max_tasks=max_tasks, turnaround_s=turnaround, examples_per_s=rate
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from store.models import Client
@@ -49,8 +49,40 @@ def note(
     turnaround_s: float = 0.0,
     examples_per_s: float | None = None,
 ) -> None:
-    """Count an outcome of the client's work and adjust its quota (and measured throughput)."""
-    client = s.execute(select(Client).where(Client.id == client_id).with_for_update()).scalar_one_or_none()
+    """Count an outcome of the client's work and adjust its quota (and measured throughput).
+
+    A valid result (nearly every result) is one UPDATE computed in SQL, :func:`quota_after`
+    written as a CASE: loading the client and flushing it back was a quarter of the web
+    tier's CPU while it recorded a burst of results."""
+    if outcome == "valid":
+        held = case(
+            (Client.task_quota < 1, 1), (Client.task_quota > max_tasks, max_tasks), else_=Client.task_quota
+        )  # quota(): what it may hold now
+        values: dict[str, Any] = {
+            "valid_results": Client.valid_results + 1,
+            "turnaround_s": Client.turnaround_s + max(0.0, turnaround_s),
+            "task_quota": case(
+                (Client.task_quota.is_(None) | (2 * held >= max_tasks), None), else_=2 * held
+            ),  # doubled, NULL once back at max_tasks
+        }
+        if examples_per_s is not None and examples_per_s > 0:
+            values["throughput"] = case(
+                (Client.throughput.is_(None), examples_per_s),
+                else_=0.5 * Client.throughput + 0.5 * examples_per_s,
+            )
+        s.execute(
+            update(Client)
+            .where(Client.id == client_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return
+    client = s.execute(
+        select(Client)
+        .where(Client.id == client_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)  # a valid result's UPDATE above may have changed it
+    ).scalar_one_or_none()
     if client is None:
         return
     if outcome == "valid":
