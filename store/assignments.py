@@ -119,22 +119,6 @@ def release_client(s: Session, client_id: str, now: datetime, *, max_attempts: i
 
 
 @dataclass(frozen=True)
-class Open:
-    """An open assignment as the web tier delivers it."""
-
-    assignment_id: int
-    client_id: str
-    task_id: int
-    round: int
-    rank: int
-    task_type: str
-    task_status: str
-    num_shards: int
-    config: dict[str, Any]
-    requirements: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class Made:
     """A new assignment as the scheduler publishes it with its doorbell ring, so the web
     process that holds the client pushes the ``task`` without reading it back: an
@@ -152,11 +136,17 @@ class Made:
 
     def as_open(self, spec: tuple[dict[str, Any], dict[str, Any]]) -> Open:
         config, requirements = spec
-        return Open(
-            assignment_id=self.assignment_id, client_id=self.client_id, task_id=self.task_id,
-            round=self.round, rank=self.rank, task_type=self.task_type, task_status=TaskState.RUNNING,
-            num_shards=self.num_shards, config=config, requirements=requirements,
-        )  # fmt: skip
+        return Open(**vars(self), task_status=TaskState.RUNNING, config=config, requirements=requirements)
+
+
+@dataclass(frozen=True)
+class Open(Made):
+    """An open assignment as the web tier delivers it: what the ring carries, with its task's
+    state and spec, read from the database."""
+
+    task_status: str
+    config: dict[str, Any]
+    requirements: dict[str, Any]
 
 
 def open_for_clients(
