@@ -23,7 +23,7 @@ from store.assignments import Made
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "aifarm:doorbell"
+CHANNEL = "aifarm:doorbell"  # and ":<db>": pub/sub ignores the db number (see RedisBus)
 SCHEDULE_PENDING = "aifarm:schedule:pending"  # set while a scheduling run is queued or owed
 SCHEDULE_LISTENING = "aifarm:schedule:listening"  # set while the scheduler waits for the next ring
 SCHEDULE_BELL = "aifarm:schedule:bell"  # the ring it waits for (a list of at most one item)
@@ -134,13 +134,16 @@ class RedisBus(Bus):
         )
         self._redis = redis.Redis(connection_pool=pool)
         self._ring = self._redis.register_script(_RING)
+        # Redis pub/sub channels are the server's, not a db's: two deployments (or test runs)
+        # on one Redis, each on its own db, would hear each other's rings on one channel name.
+        self.channel = f"{CHANNEL}:{pool.connection_kwargs.get('db', 0)}"
 
     def publish(self, client_ids: Iterable[str] | None, made: Sequence[Made] = ()) -> None:
         ids = None if client_ids is None else list(client_ids)
         if ids == []:
             return
         try:
-            self._redis.publish(CHANNEL, ring_body(ids, made))
+            self._redis.publish(self.channel, ring_body(ids, made))
         except Exception as error:  # a lost ring is recovered by the periodic reconcile
             log.warning("event=doorbell_publish state=failed error=%s", type(error).__name__)
 
@@ -207,7 +210,7 @@ class RedisBus(Bus):
                 # No read timeout: an idle channel is normal. Liveness is checked by the health ping.
                 conn = redis.Redis.from_url(self._url, socket_connect_timeout=2, socket_timeout=None)
                 pubsub = conn.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(self.channel)
                 log.info("event=doorbell_subscribe state=ok")
                 delay = 0.5
                 listener(None, [])  # rings may have been missed while we were away

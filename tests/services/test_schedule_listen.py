@@ -198,3 +198,22 @@ def test_a_scheduler_hands_over_after_hold_s_with_the_lock_free(
         store.db.set_db(saved[0])
         store.bus.set_bus(saved[1])
     assert sent == [(True, False)]  # one fresh job, sent with the lock free and nobody listening
+
+
+def test_a_ring_is_heard_only_by_web_processes_on_the_same_redis_db(own_redis: str) -> None:
+    """Redis pub/sub ignores the db number: two deployments (or test runs) on one Redis, each on
+    its own db, must not hear each other's doorbell."""
+    ours, theirs = RedisBus(own_redis), RedisBus(own_redis.removesuffix("/0") + "/1")
+    heard = redis.Redis.from_url(own_redis).pubsub(ignore_subscribe_messages=True)
+    heard.subscribe(ours.channel)  # what RedisBus.listen subscribes to
+    wait_for(lambda: heard.get_message(timeout=0.1) is None and heard.subscribed, 5, what="subscribed")
+    theirs.publish(["their-client"])  # published first: if it reached us, it would come first
+    ours.publish(["our-client"])
+    got = None
+    for _ in range(50):
+        got = heard.get_message(timeout=0.1)
+        if got is not None:
+            break
+    heard.close()
+    assert got is not None, "our own ring never came"
+    assert store.bus.parse_ring(got["data"]) == (["our-client"], [])
