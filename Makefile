@@ -26,8 +26,11 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The tests in TEST_WORKERS processes (pytest-xdist; 0: in this one), a file to each in turn:
+# most of their time is spent waiting on servers and workers they start, so two share two cores.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # docker-compose.yml end to end (docs/operations.md, "Production with Docker"; as root where no
 # Docker engine runs yet): install and start the engine when missing (docker/engine.sh), build

@@ -1,9 +1,9 @@
 """Fixtures over the real services: MariaDB, Redis, a Celery worker, gunicorn, the embedded server.
 
 Tests create their own MariaDB database (``aifarm_test_<pid>``, from schema.sql) and use their
-own Redis db (13, or TEST_REDIS_DB for a second run beside it), flushed at the start and the
-end of the session. If MariaDB or Redis cannot be reached, every test that needs them errors
-out loudly: nothing is skipped.
+own Redis db (13, or TEST_REDIS_DB for a second run beside it; plus the xdist worker's number),
+flushed at the start and the end of the session. If MariaDB or Redis cannot be reached, every
+test that needs them errors out loudly: nothing is skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from tests.helpers import ADMIN, Proc, free_port, start_gunicorn, start_worker
 MYSQL_HOST = os.environ.get("TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("TEST_MYSQL_PORT", "3306"))
 REDIS_BASE = os.environ.get("TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "13"))  # another db lets two test runs share one Redis
+# Another db lets two test runs share one Redis (TEST_REDIS_DB); pytest-xdist's workers (`make
+# test` runs TEST_WORKERS of them) take that db and the ones after it: gw0 the first, gw1 the next.
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "13")) + XDIST_WORKER
 TABLES = ("task_assignments", "task_shards", "task_rounds", "tasks", "clients", "admin_tokens")
 
 
