@@ -77,7 +77,9 @@ def run_scheduler(listen: float = 0.0) -> int:
     locked and had to look again. A job that finds the lock taken sets ``SCHEDULE_PENDING``
     and ends; the holder clears that flag before each pass and, while it is set again (new
     requests, released shards, a job that found the lock taken), makes another pass, and
-    looks at it once more after letting go, so no request is left unserved. Jobs that just
+    looks at it once more after letting go, so no request is left unserved. The job that found
+    the lock taken and set the flag afresh (nobody listening) tries the lock once more: the
+    holder may have let go and looked between the two. Jobs that just
     made work available (a new round's shards) call this inline. Returns assignments made.
 
     With ``listen`` > 0 the holder, once nothing is owed, waits that long for the next ring
@@ -90,8 +92,9 @@ def run_scheduler(listen: float = 0.0) -> int:
     while True:
         with db.exclusive(SCHEDULE_LOCK) as mine:
             if not mine:
-                bus.ring_scheduler()  # the holder makes one more pass
-                return assigned
+                if bus.ring_scheduler():  # the flag was not set: has the holder looked already?
+                    continue  # then the lock is free now, or its holder will see the flag
+                return assigned  # the holder makes one more pass
             try:
                 served, handover = _hold(bus, listen)
             finally:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 import redis
@@ -217,3 +218,38 @@ def test_a_ring_is_heard_only_by_web_processes_on_the_same_redis_db(own_redis: s
     heard.close()
     assert got is not None, "our own ring never came"
     assert store.bus.parse_ring(got["data"]) == (["our-client"], [])
+
+
+def test_a_job_that_finds_the_lock_taken_as_its_holder_ends_serves_the_request_itself(
+    own_redis: str, own_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a loaded machine showed: a job finds the scheduler lock taken; before it sets
+    the flag, the holder lets go and looks at the flag one last time (not set yet: it ends).
+    Nobody would then serve the request until beat's next pass. The job, whose ring found the
+    flag unset, tries the lock again and serves it."""
+    from workers.tasks import SCHEDULE_LOCK, run_scheduler
+
+    add_client(own_db, "c-raced", ram_gb=8, waiting=1)
+    add_task(own_db, shards=1)
+    bus = RedisBus(own_redis)
+    holder = ExitStack()
+    assert holder.enter_context(own_db.exclusive(SCHEDULE_LOCK))  # the holder, in its last moment
+    ring = bus.ring_scheduler
+
+    def holder_ends_first() -> bool:  # between the job's try of the lock and its ring
+        holder.close()  # it lets go, finds no flag, and ends
+        return ring()
+
+    monkeypatch.setattr(bus, "ring_scheduler", holder_ends_first)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(bus)
+    try:
+        assigned = run_scheduler()
+    finally:
+        holder.close()
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert assigned == 1
+    with own_db.session() as s:
+        assert s.get(Client, "c-raced").pending_requests == 0  # type: ignore[union-attr]
