@@ -78,9 +78,10 @@ def run_scheduler(listen: float = 0.0) -> int:
     and ends; the holder clears that flag before each pass and, while it is set again (new
     requests, released shards, a job that found the lock taken), makes another pass, and
     looks at it once more after letting go, so no request is left unserved. The job that found
-    the lock taken and set the flag afresh (nobody listening) tries the lock once more: the
-    holder may have let go and looked between the two. Jobs that just
-    made work available (a new round's shards) call this inline. Returns assignments made.
+    the lock taken and set the flag afresh (nobody listening) tries the lock once more (only
+    once: a ring is also True when Redis is down): the holder may have let go and looked
+    between the two. Jobs that just made work available (a new round's shards) call this
+    inline. Returns assignments made.
 
     With ``listen`` > 0 the holder, once nothing is owed, waits that long for the next ring
     (:meth:`store.bus.Bus.wait_for_ring`) instead of ending: under a steady stream of requests
@@ -89,11 +90,15 @@ def run_scheduler(listen: float = 0.0) -> int:
     bus = get_bus()
     db = get_db()
     assigned = 0
+    tried_again = False
     while True:
         with db.exclusive(SCHEDULE_LOCK) as mine:
             if not mine:
-                if bus.ring_scheduler():  # the flag was not set: has the holder looked already?
-                    continue  # then the lock is free now, or its holder will see the flag
+                # The flag was not set (True, as when Redis is down): has the holder looked
+                # already? Then the lock is free now, or its holder will see the flag. Once.
+                if bus.ring_scheduler() and not tried_again:
+                    tried_again = True
+                    continue
                 return assigned  # the holder makes one more pass
             try:
                 served, handover = _hold(bus, listen)

@@ -253,3 +253,32 @@ def test_a_job_that_finds_the_lock_taken_as_its_holder_ends_serves_the_request_i
     assert assigned == 1
     with own_db.session() as s:
         assert s.get(Client, "c-raced").pending_requests == 0  # type: ignore[union-attr]
+
+
+def test_a_job_that_finds_the_lock_taken_with_redis_down_tries_again_once_and_ends(
+    own_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring is True when Redis cannot be reached ("send a job anyway"): the job tries the lock
+    once more, not for as long as the holder holds it."""
+    from workers.tasks import SCHEDULE_LOCK, run_scheduler
+
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    rings: list[bool] = []
+    ring = bus.ring_scheduler
+
+    def counted() -> bool:
+        rings.append(ring())
+        return rings[-1]
+
+    monkeypatch.setattr(bus, "ring_scheduler", counted)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(bus)
+    try:
+        with own_db.exclusive(SCHEDULE_LOCK) as held:  # held throughout by another scheduler
+            assert held
+            assert run_scheduler() == 0
+    finally:
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert rings == [True, True]  # Redis down both times; the lock tried twice, then it ended
