@@ -46,6 +46,10 @@ class Bus:
     def clear_flag(self, name: str) -> None:
         raise NotImplementedError
 
+    def take_flag(self, name: str) -> bool:
+        """Clear ``name``; whether it was set (False when it cannot be told), in one step."""
+        raise NotImplementedError
+
     def ring_scheduler(self) -> bool:
         """A scheduling pass is owed. True when the caller must send a ``schedule`` job: none
         is queued, and no scheduler is waiting for this ring (:meth:`wait_for_ring`)."""
@@ -91,6 +95,10 @@ class LocalBus(Bus):
     def clear_flag(self, name: str) -> None:
         with self._flag_lock:
             self._flags.pop(name, None)
+
+    def take_flag(self, name: str) -> bool:
+        with self._flag_lock:
+            return self._flags.pop(name, 0.0) > time.monotonic()
 
     def is_set(self, name: str) -> bool:
         with self._flag_lock:
@@ -195,6 +203,12 @@ class RedisBus(Bus):
         try:
             return bool(self._redis.exists(name))
         except Exception:  # beat's scheduling pass looks again anyway
+            return False
+
+    def take_flag(self, name: str) -> bool:
+        try:
+            return self._redis.getdel(name) is not None
+        except Exception:  # as is_set
             return False
 
     def listen(self, listener: Listener) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, case, insert, or_, select, update
+from sqlalchemy import Select, bindparam, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 import server_settings
@@ -161,6 +162,46 @@ SHARD_COLUMNS = (
 )
 
 
+# The statements of a pass are built once: building one (and its cache key) took about a tenth
+# of a millisecond, as long as the database took to run it.
+@cache
+def _waiting(batch: int) -> Select[*tuple[Any, ...]]:
+    """Clients that asked for work and may get it now, longest-waiting first."""
+    return (
+        select(*WAITING_COLUMNS)
+        .where(
+            Client.pending_requests > 0,
+            Client.status == ClientState.ACTIVE,
+            Client.conn_id.is_not(None),  # connected now
+            Client.disabled.is_(False),
+        )
+        .order_by(Client.requested_at)
+        .limit(batch)
+    )
+
+
+@cache
+def _queued(window: int) -> Select[*tuple[Any, ...]]:
+    """The first ``window`` queued shards, in claim order."""
+    return (
+        select(*SHARD_COLUMNS)
+        .where(TaskShard.status == ShardState.QUEUED)
+        .order_by(TaskShard.priority.desc(), TaskShard.id)
+        .limit(window)
+    )
+
+
+@cache
+def _locking(query: Select[*tuple[Any, ...]]) -> Select[*tuple[Any, ...]]:
+    return query.with_for_update(skip_locked=True)
+
+
+HELD = select(TaskAssignment.client_id, TaskAssignment.task_id).where(  # ids: the clients
+    TaskAssignment.client_id.in_(bindparam("ids", expanding=True)),
+    TaskAssignment.status.in_(OPEN_ASSIGNMENT),
+)
+
+
 @dataclass
 class Matched:
     """What :func:`match` decided: (client, shard) pairs, and the clients that got nothing."""
@@ -230,6 +271,16 @@ class Served:
     skipped: bool = False  # waiting clients or queued shards were locked by someone else
 
 
+class TaskInfo:
+    """What the scheduler needs of a task to write its assignments (type, config, shard count),
+    remembered for tasks seen past 'pending': none of it changes after creation, and a task
+    never goes back to pending. A scheduler keeps one while it holds the scheduler lock (seconds;
+    a fresh one sees a database recreated under the same ids, as tests do). Saves a read per pass."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, tuple[str, dict[str, Any], int]] = {}
+
+
 def serve_batch(
     s: Session,
     now: datetime,
@@ -238,50 +289,39 @@ def serve_batch(
     max_tasks: int,
     skip_locked: bool,
     settings: server_settings.Settings = DEFAULTS,
+    tasks: TaskInfo | None = None,
+    owed: Callable[[], bool] | None = None,
 ) -> Served:
     """Serve up to ``batch`` waiting clients in one transaction (see the module doc).
 
     Reads plain rows (no ORM objects), matches them with :func:`match`, and writes in bulk:
-    one INSERT for the assignments, one executemany UPDATE each for the shards and the clients.
-    """
+    one INSERT for the assignments, one UPDATE each for the shards and the clients.
+
+    ``owed()`` True: another pass follows this one anyway (a ring came meanwhile), so the look
+    for rows that ``SKIP LOCKED`` skipped (``Served.skipped``) is left to it: a statement less
+    per pass under load."""
     served = Served()
-    waiting = (
-        select(*WAITING_COLUMNS)
-        .where(
-            Client.pending_requests > 0,  # asked for work: served longest-waiting first
-            Client.status == ClientState.ACTIVE,
-            Client.conn_id.is_not(None),  # connected now
-            Client.disabled.is_(False),
-        )
-        .order_by(Client.requested_at)
-        .limit(batch)
-    )
-    clients = s.execute(waiting.with_for_update(skip_locked=True) if skip_locked else waiting).all()
+    waiting = _waiting(batch)
+    clients = s.execute(_locking(waiting) if skip_locked else waiting).all()
     served.clients_seen = len(clients)
-    if skip_locked and len(clients) < batch:  # a full batch: the caller makes another pass anyway
-        served.skipped = _skipped(s, waiting, clients)
     if not clients:
+        if skip_locked and not (owed and owed()):
+            served.skipped = _skipped(s, waiting, clients)
         return served
     held: dict[str, set[int]] = defaultdict(set)
-    for client_id, task_id in s.execute(
-        select(TaskAssignment.client_id, TaskAssignment.task_id).where(
-            TaskAssignment.client_id.in_([c.id for c in clients]), TaskAssignment.status.in_(OPEN_ASSIGNMENT)
-        )
-    ):
+    for client_id, task_id in s.execute(HELD, {"ids": [c.id for c in clients]}):
         held[client_id].add(task_id)
     # Twice the shards asked for, at most twice the batch: the rows read and locked follow the
     # demand (one client asking locked 100 shards, most of a pass's time). A client that fits
     # nothing in the window while more wait beyond it gets the per-client claim (``starved``).
     window = min(2 * batch, max(MIN_WINDOW, 2 * sum(c.pending_requests for c in clients)))
-    queued = (
-        select(*SHARD_COLUMNS)
-        .where(TaskShard.status == ShardState.QUEUED)
-        .order_by(TaskShard.priority.desc(), TaskShard.id)
-        .limit(window)
-    )
-    shards = s.execute(queued.with_for_update(skip_locked=True) if skip_locked else queued).all()
-    if skip_locked and not served.skipped and len(shards) < window:  # a full window: see ``starved``
-        served.skipped = _skipped(s, queued, shards)
+    queued = _queued(window)
+    shards = s.execute(_locking(queued) if skip_locked else queued).all()
+    if skip_locked and not (owed and owed()):  # late in the pass: a ring by now makes the look needless
+        # a full batch or window: the caller makes another pass anyway (``starved`` for the window)
+        served.skipped = (len(clients) < batch and _skipped(s, waiting, clients)) or (
+            len(shards) < window and _skipped(s, queued, shards)
+        )
     matched = match(
         clients, shards, held, max_tasks, timed_out_pairs(s, [r.id for r in shards if r.attempts > 0])
     )
@@ -294,7 +334,9 @@ def serve_batch(
     if not pairs:
         return served
     throughput = {client.id: client.throughput for client in clients}
-    made = write_assignments(s, [(client.id, shard) for client, shard in pairs], now, settings, throughput)
+    made = write_assignments(
+        s, [(client.id, shard) for client, shard in pairs], now, settings, throughput, tasks
+    )
     got = Counter(client.id for client, _ in pairs)
     left = {c.id: max(0, c.pending_requests - got[c.id]) for c in clients if got[c.id]}
     since = {c.id: c.requested_at if left[c.id] else None for c in clients if got[c.id]}
@@ -314,20 +356,29 @@ def write_assignments(
     now: datetime,
     settings: server_settings.Settings = DEFAULTS,
     throughput: dict[str, float | None] | None = None,
+    info: TaskInfo | None = None,
 ) -> list[Made]:
     """Record (client id, shard) pairs as assignments, each with its deadline: one INSERT, the
     shards marked assigned, and their tasks started. Returns the new assignments in order.
-    ``throughput``: the clients' measured rates, when the caller read them already."""
-    tasks: dict[int, tuple[str, dict[str, Any], int]] = {}
+    ``throughput``: the clients' measured rates, when the caller read them already; ``info``:
+    tasks known to be past pending (only the others are read)."""
+    known = info.known if info is not None else {}
+    tasks = {shard.task_id: known[shard.task_id] for _, shard in pairs if shard.task_id in known}
     pending: list[int] = []
-    for row in s.execute(
-        select(Task.id, Task.type, Task.config, Task.status, Task.num_shards).where(
-            Task.id.in_({shard.task_id for _, shard in pairs})
+    unknown = {shard.task_id for _, shard in pairs} - tasks.keys()
+    rows = (
+        s.execute(
+            select(Task.id, Task.type, Task.config, Task.status, Task.num_shards).where(Task.id.in_(unknown))
         )
-    ):
+        if unknown
+        else ()
+    )
+    for row in rows:
         tasks[row.id] = (row.type, row.config or {}, row.num_shards)
         if row.status == TaskState.PENDING:
-            pending.append(row.id)
+            pending.append(row.id)  # started below; remembered once a later pass reads it running
+        else:
+            known[row.id] = tasks[row.id]
     if throughput is None:
         throughput = dict(
             s.execute(

@@ -120,15 +120,16 @@ def _hold(bus: Any, listen: float) -> tuple[int, bool]:
     skipped_in_a_row = 0
     handover = False
     until = time.monotonic() + HOLD_S
+    tasks = scheduling.TaskInfo()  # for this hold only (seconds)
+    bus.clear_flag(SCHEDULE_PENDING)  # cleared before each pass: a ring during it owes another
     while True:
-        bus.clear_flag(SCHEDULE_PENDING)
-        done = serve_waiting()
+        done = serve_waiting(tasks)
         assigned += done.assigned
         skipped_in_a_row = skipped_in_a_row + 1 if done.skipped and not done.assigned else 0
         if time.monotonic() > until:
             handover = True
             break
-        if done.more or bus.is_set(SCHEDULE_PENDING):
+        if bus.take_flag(SCHEDULE_PENDING) or done.more:  # taken: cleared for the next pass
             continue
         if not done.skipped:
             wait = min(listen, until - time.monotonic())
@@ -136,12 +137,14 @@ def _hold(bus: Any, listen: float) -> tuple[int, bool]:
                 handover = listen > 0
                 break
             if bus.wait_for_ring(wait):
+                bus.clear_flag(SCHEDULE_PENDING)
                 continue
             break
         if skipped_in_a_row > SKIPPED_TRIES:  # someone holds rows for long: look again later
             schedule.apply_async(countdown=0.5)
             break
         time.sleep(SKIPPED_RETRY_S)  # rows were locked for a moment: look again once free
+        bus.clear_flag(SCHEDULE_PENDING)
     if assigned:
         log.info("task=schedule state=finish assigned=%d", assigned)
     return assigned, handover
@@ -154,9 +157,9 @@ class Pass:
     skipped: bool = False  # rows locked by someone else were skipped
 
 
-def serve_waiting() -> Pass:
+def serve_waiting(tasks: scheduling.TaskInfo | None = None) -> Pass:
     """One pass: up to SCHEDULE_BATCH waiting clients, a batch per transaction. Call it with
-    the scheduler lock held (:func:`run_scheduler`)."""
+    the scheduler lock held (:func:`run_scheduler`); ``tasks``: what the holder knows of tasks."""
     bus = get_bus()
     db = get_db()
     cfg = settings()
@@ -170,6 +173,8 @@ def serve_waiting() -> Pass:
                 max_tasks=cfg.MAX_TASKS_PER_CLIENT,
                 skip_locked=db.is_mysql,
                 settings=cfg,
+                tasks=tasks,
+                owed=lambda: bus.is_set(SCHEDULE_PENDING),
             )
         )
         bus.publish(sorted({m.client_id for m in served.assignments}), served.assignments)

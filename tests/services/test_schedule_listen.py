@@ -13,10 +13,11 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 import store.bus
 import store.db
@@ -282,3 +283,82 @@ def test_a_job_that_finds_the_lock_taken_with_redis_down_tries_again_once_and_en
         store.db.set_db(saved[0])
         store.bus.set_bus(saved[1])
     assert rings == [True, True]  # Redis down both times; the lock tried twice, then it ended
+
+
+def test_take_flag_clears_the_flag_and_says_whether_it_was_set(own_redis: str) -> None:
+    """The holder's one step between passes: was a pass owed, and owe none now."""
+    for bus in (RedisBus(own_redis), store.bus.LocalBus()):
+        assert bus.take_flag(SCHEDULE_PENDING) is False  # nothing owed
+        bus.ring_scheduler()
+        assert bus.take_flag(SCHEDULE_PENDING) is True
+        assert not bus.is_set(SCHEDULE_PENDING)  # taken: cleared
+        assert bus.take_flag(SCHEDULE_PENDING) is False
+    down = RedisBus(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    assert down.take_flag(SCHEDULE_PENDING) is False  # as is_set: no pass owed that it can tell
+
+
+def statements_on(db: Database, found: list[str]) -> None:
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def noted(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        found.append(" ".join(statement.split()))
+
+
+def test_a_holder_reads_a_task_until_it_has_seen_it_past_pending(own_db: Database) -> None:
+    """TaskInfo: a task's type, config and shard count are read while it may still be pending
+    (the pass starts it); once a read shows it running they come from memory."""
+    from workers.scheduling import TaskInfo, serve_batch
+
+    task_id = add_task(own_db, shards=3)
+    for n in range(3):
+        add_client(own_db, f"c-{n}", ram_gb=8, waiting=0)
+    info = TaskInfo()
+    found: list[str] = []
+    statements_on(own_db, found)
+    reads = []
+    for n in range(3):
+        with own_db.session() as s:
+            s.execute(
+                text("UPDATE clients SET pending_requests = 1, requested_at = NOW() WHERE id = :c"),
+                {"c": f"c-{n}"},
+            )
+        found.clear()
+        made = own_db.run(
+            lambda s: serve_batch(
+                s, utcnow(), batch=50, max_tasks=3, skip_locked=True, tasks=info, owed=lambda: True
+            )
+        )
+        assert [m.client_id for m in made.assignments] == [f"c-{n}"]
+        reads.append(sum(1 for q in found if q.startswith("SELECT tasks.id, tasks.type")))
+    assert reads == [1, 1, 0]  # pending (started by the pass), running (remembered), from memory
+    assert task_id in info.known
+    with own_db.session() as s:
+        assert s.get(Task, task_id).status == "running"  # type: ignore[union-attr]
+
+
+def test_a_pass_looks_for_skipped_rows_only_when_no_other_pass_is_owed(own_db: Database) -> None:
+    """A waiting client whose row another transaction holds is skipped (SKIP LOCKED). The pass
+    says so (``skipped``: look again soon) unless a ring came meanwhile (``owed``): then the
+    next pass, owed anyway, sees it, and this one spares the look."""
+    from workers.scheduling import serve_batch
+
+    add_task(own_db, shards=2)
+    add_client(own_db, "c-free", ram_gb=8, waiting=1)
+    add_client(own_db, "c-locked", ram_gb=8, waiting=1)
+    found: list[str] = []
+    statements_on(own_db, found)
+    with own_db.engine.connect() as other:
+        other.execute(text("SELECT id FROM clients WHERE id = 'c-locked' FOR UPDATE"))  # held meanwhile
+        for owed, looked in ((True, False), (False, True)):
+            found.clear()
+            done = own_db.run(
+                lambda s, owed=owed: serve_batch(
+                    s, utcnow(), batch=50, max_tasks=3, skip_locked=True, owed=lambda: owed
+                )
+            )
+            assert done.skipped is looked
+            assert any(q.startswith("SELECT clients.id FROM clients") for q in found) is looked
+        other.rollback()
+    done = own_db.run(
+        lambda s: serve_batch(s, utcnow(), batch=50, max_tasks=3, skip_locked=True, owed=lambda: True)
+    )
+    assert [m.client_id for m in done.assignments] == ["c-locked"]  # free now: served
