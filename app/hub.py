@@ -8,13 +8,13 @@ its client. Reconciling a client sends the difference: ``task`` for a new assign
 The scheduler's ring carries the assignments it committed (:class:`store.assignments.Made`):
 those are pushed as they are when this process knows their task's spec, without a read (a
 client that was rung for otherwise too is reconciled from the database instead);
-every ``RECONCILE_INTERVAL`` seconds all local clients are reconciled anyway, so a lost ring
-delays a push but never loses it; that pass goes a chunk of clients at a time, with rings
-served between chunks (spread over half the interval), so a push never waits behind
-thousands of sockets. Beside it, every ``RECONCILE_INTERVAL`` seconds, a flush writes
-batched progress, and ``last_seen`` of a third of the connections, in short transactions
-(the scheduler skips locked client rows), and closes connections the database no longer
-knows.
+every ``RECONCILE_INTERVAL`` seconds (less often with thousands of sockets: FULL_PASS_RATE)
+all local clients are reconciled anyway, so a lost ring delays a push but never loses it;
+that pass goes a chunk of clients at a time, with rings served between chunks (spread over
+half its period), so a push never waits behind thousands of sockets. Beside it, every
+``RECONCILE_INTERVAL`` seconds, a flush writes batched progress, and ``last_seen`` of a
+third of the connections, in short transactions (the scheduler skips locked client rows),
+and closes connections the database no longer knows.
 
 Before the process exits, :meth:`Hub.shutdown` closes every socket with 1012 (Service
 Restart), so clients reconnect (to another web process, or this one restarted) now, and
@@ -49,8 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FULL_PASS_CHUNK = 100  # clients reconciled per step of the periodic pass (rings go between steps)
-FULL_PASS_SPREAD = 0.5  # the periodic pass's steps are spread over this share of the interval
+FULL_PASS_SPREAD = 0.5  # the periodic pass's steps are spread over this share of its period
+FULL_PASS_RATE = 200.0  # clients/s the periodic pass reconciles at most (its period grows beyond)
 TOUCH_CHUNK = 500  # last_seen refreshed per transaction
+YIELD_EVERY = 500  # connections a flush goes through before it lets other greenlets run
 TOUCH_SLICES = 3  # a flush refreshes last_seen of one in this many connections (see Hub.flush)
 PROGRESS_CHUNK = 500  # assignments' progress written per transaction
 GC_UNFREEZE_S = 600.0  # frozen objects are looked at again this often (app/gcpause.py)
@@ -159,7 +161,10 @@ class Hub:
         chunk at a time between rings, so a push never waits behind a pass over thousands.
         The chunks are spread over the first half of the interval (FULL_PASS_SPREAD): back to
         back, 30 of them with 3,000 clients took the process's CPU for half a second, and
-        every push waited behind them."""
+        every push waited behind them. At most FULL_PASS_RATE clients a second: with more
+        connections than ``interval`` x that, the pass comes less often (3,000: every 15 s;
+        10,000: every 50 s). Every change is rung for; the pass only catches a lost ring, and
+        at 3,000 clients every 5 s it raised the median push by half while it ran."""
         backlog: list[str] = []  # what is left of the periodic pass over every client
         next_full = time.monotonic() + self.interval
         next_chunk = pace = 0.0
@@ -172,9 +177,10 @@ class Hub:
                 made, self._made = self._made, defaultdict(list)
                 if self._everyone or time.monotonic() >= next_full:
                     self._everyone = False
-                    next_full = time.monotonic() + self.interval
                     backlog = sorted(self._conns)
-                    pace = self.interval * FULL_PASS_SPREAD / max(1, -(-len(backlog) // FULL_PASS_CHUNK))
+                    period = full_pass_period(len(backlog), self.interval)
+                    next_full = time.monotonic() + period
+                    pace = period * FULL_PASS_SPREAD / max(1, -(-len(backlog) // FULL_PASS_CHUNK))
                     next_chunk = time.monotonic()
             chunk: list[str] = []
             if backlog and time.monotonic() >= next_chunk:
@@ -245,7 +251,9 @@ class Hub:
         with self._lock:
             latest, self._left = self._left, {}
         utilization: dict[str, dict[str, Any]] = {}
-        for conn in conns:
+        for i, conn in enumerate(conns):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)  # let the sockets be served (gevent): 10,000 in a row took ~30 ms
             for aid, value, reported in conn.take_progress():
                 latest[aid] = (value, reported)
             if (report := conn.take_utilization()) is not None:
@@ -318,6 +326,12 @@ class Hub:
             self.flush()
         except Exception as error:
             log.error("event=shutdown state=flush_failed error=%s", type(error).__name__)
+
+
+def full_pass_period(connections: int, interval: float) -> float:
+    """Seconds between two periodic passes over every local client: ``interval``, or longer
+    when that would reconcile more than FULL_PASS_RATE clients a second."""
+    return max(interval, connections / FULL_PASS_RATE)
 
 
 def close_for_restart(conn: Connection) -> None:
