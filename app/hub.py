@@ -53,6 +53,7 @@ FULL_PASS_SPREAD = 0.5  # the periodic pass's steps are spread over this share o
 FULL_PASS_RATE = 200.0  # clients/s the periodic pass reconciles at most (its period grows beyond)
 TOUCH_CHUNK = 500  # last_seen refreshed per transaction
 YIELD_EVERY = 500  # connections a flush goes through before it lets other greenlets run
+YIELD_S = 0.001  # ... for this long
 TOUCH_SLICES = 3  # a flush refreshes last_seen of one in this many connections (see Hub.flush)
 PROGRESS_CHUNK = 500  # assignments' progress written per transaction
 GC_UNFREEZE_S = 600.0  # frozen objects are looked at again this often (app/gcpause.py)
@@ -104,7 +105,9 @@ class Hub:
             self._started = True
         self.bus.listen(self.ring)
         threading.Thread(target=self._loop, daemon=True, name="hub").start()
-        threading.Thread(target=self._flush_loop, daemon=True, name="hub-flush").start()
+        collector = gcpause.Collector(unfreeze_every=GC_UNFREEZE_S)
+        threading.Thread(target=self._flush_loop, args=(collector,), daemon=True, name="hub-flush").start()
+        threading.Thread(target=self._young_loop, args=(collector,), daemon=True, name="hub-gc").start()
 
     def attach(self, conn: Connection, *, reconnect: bool) -> None:
         """Hold a registered connection; a reconnecting client is reconciled at once (its work)."""
@@ -198,10 +201,9 @@ class Hub:
                     self._pending.update(ids)
                 time.sleep(min(self.interval, 1.0))
 
-    def _flush_loop(self) -> None:
+    def _flush_loop(self, collector: gcpause.Collector) -> None:
         """Every ``interval`` s write batched progress and last_seen (:meth:`flush`), beside the
         reconcile loop rather than in it; and keep full garbage collections short (app/gcpause.py)."""
-        collector = gcpause.Collector(unfreeze_every=GC_UNFREEZE_S)
         while True:
             time.sleep(self.interval)
             collector.tick()
@@ -209,6 +211,12 @@ class Hub:
                 self.flush()
             except Exception as error:  # the database may be down: what was not written is kept
                 log.warning("event=hub_flush state=failed error=%s", type(error).__name__)
+
+    def _young_loop(self, collector: gcpause.Collector) -> None:
+        """Young garbage collections on a timer, each small (app/gcpause.py)."""
+        while True:
+            time.sleep(gcpause.YOUNG_EVERY)
+            collector.young()
 
     def _push_made(self, made: dict[str, list[Made]]) -> set[str]:
         """Push new assignments as the scheduler's ring carried them; returns the clients
@@ -251,13 +259,21 @@ class Hub:
         with self._lock:
             latest, self._left = self._left, {}
         utilization: dict[str, dict[str, Any]] = {}
+        # last_seen: a slice of the connections each flush (below)
+        self._flushes += 1
+        turn = self._flushes % self.touch_slices
+        due: list[Connection] = []
         for i, conn in enumerate(conns):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
-                time.sleep(0)  # let the sockets be served (gevent): 10,000 in a row took ~30 ms
+                # Let the sockets be served: 10,000 connections in a row took 40 ms of CPU. A
+                # positive sleep: gevent runs a sleep(0) again before it polls the sockets.
+                time.sleep(YIELD_S)
             for aid, value, reported in conn.take_progress():
                 latest[aid] = (value, reported)
             if (report := conn.take_utilization()) is not None:
                 utilization[conn.conn_id] = report
+            if zlib.crc32(conn.conn_id.encode()) % self.touch_slices == turn:
+                due.append(conn)
         if not conns and not latest:
             return
         progress = [(aid, value, metrics) for aid, (value, metrics) in latest.items()]
@@ -287,9 +303,6 @@ class Hub:
         # CONNECTION_TIMEOUT; a short transaction per chunk, so that client rows are never
         # locked long (the scheduler skips locked rows, and a request waits for its row).
         # All of them every flush took 0.2 s of the process's CPU every 5 s at 3,000 clients.
-        self._flushes += 1
-        turn = self._flushes % self.touch_slices
-        due = [c for c in conns if zlib.crc32(c.conn_id.encode()) % self.touch_slices == turn]
         alive: set[str] = set()
         for start in range(0, len(due), TOUCH_CHUNK):
             chunk = [c.conn_id for c in due[start : start + TOUCH_CHUNK]]
