@@ -13,9 +13,9 @@ asyncio ``websockets`` connections, spread over ``--drivers`` processes. Phases:
 3. every client sends task_progress for a while         -> progress messages/s ingested by the web
    tier (its own counter, aifarm_ws_messages_total), and the latest progress is in MySQL
 4. every client sends its task_result and waits for result_accepted -> every result recorded once
-5. steady requests, once the worker is idle and ``--settle`` s later: clients send task_request
-   at ``--steady-rate`` per second in all (each client once, evenly spaced) while every
-   connected client sends a heartbeat every ``--heartbeat`` s -> request->task p50/p99 at that rate
+5. steady requests, once the worker is idle: every connected client sends a heartbeat every
+   ``--heartbeat`` s, and from ``--settle`` s later clients send task_request at ``--steady-rate``
+   per second in all (each client once, evenly spaced) -> request->task p50/p99 at that rate
 6. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
    trip), a MariaDB SKIP LOCKED claim loop (one connection), and a bare flask-sock echo under
    gunicorn's gevent worker (idle memory per socket, echo messages/s with 100 sockets).
@@ -212,10 +212,12 @@ class Driver:
         await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
         return {"acks": acks, "errors": errors, "latencies": latencies}
 
-    async def steady(self, start_at: float, rate: float, count: int, heartbeat: float) -> dict[str, Any]:
+    async def steady(
+        self, start_at: float, rate: float, count: int, heartbeat: float, warmup: float = 0.0
+    ) -> dict[str, Any]:
         """``count`` task_requests, ``rate`` per second in all (evenly spaced), one socket after
         the other (a socket asks again once the others asked), while every socket sends a
-        heartbeat every ``heartbeat`` s."""
+        heartbeat every ``heartbeat`` s, from ``warmup`` s before the first request."""
         await asyncio.sleep(max(0.0, start_at - time.time()))
         latencies: list[float] = []
         errors: list[str] = []
@@ -246,6 +248,7 @@ class Driver:
             else []
         )
         asks: list[asyncio.Task[None]] = []
+        await asyncio.sleep(warmup)
         t0 = time.perf_counter()
         for i in range(count):  # past the last socket, the first ones ask again (after their last answer)
             await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
@@ -437,7 +440,7 @@ def run_load(
 ) -> dict[str, Any]:
     """Drive ``clients`` clients against a running stack; returns the figures and the checks.
     ``redis_url``: the broker, to start the steady phase once the worker's queue is empty;
-    ``settle``: seconds to wait after that (the results burst's aftermath, see ``--settle``)."""
+    ``settle``: seconds of heartbeats before the first steady request (see ``--settle``)."""
     out: dict[str, Any] = {"clients": clients, "drivers": drivers}
     rss0 = web_rss(web) if web is not None else 0
     group = Drivers(port, clients, drivers)
@@ -505,11 +508,12 @@ def run_load(
             queue_shards(port, count, token, database_url)
             if redis_url is not None:
                 out["steady_waited_s"] = wait_for_idle_worker(redis_url)
-            time.sleep(settle)
             out["steady_settle_s"] = settle
             shares = [len(r) for r in _split(count, drivers)]
             for pipe, share in zip(group.pipes, shares, strict=True):
-                pipe.send(("steady", (time.time() + 0.5, steady_rate * share / count, share, heartbeat)))
+                pipe.send(
+                    ("steady", (time.time() + 0.5, steady_rate * share / count, share, heartbeat, settle))
+                )
             steady = [pipe.recv() for pipe in group.pipes]
             latencies = [x for r in steady for x in r["latencies"]]
             out["steady_requests"] = count
@@ -703,8 +707,9 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between a client's heartbeats")
     parser.add_argument(
         "--settle", type=float, default=2.0,
-        help="seconds between an idle worker and the steady phase: right after 10,000 results, "
-        "passes of one client took 12 to 17 ms instead of 4 for a quarter of a second",
+        help="seconds of heartbeats between an idle worker and the first steady request: started "
+        "together, the first half second of requests met 2,000 heartbeats a second starting at "
+        "once (and right after 10,000 results, passes of one client took 12 to 17 ms, not 4)",
     )  # fmt: skip
     parser.add_argument("--database", default=DB)
     parser.add_argument("--redis", default=REDIS)
