@@ -57,6 +57,7 @@ def _now(now_ts: float | None) -> datetime:
 
 BATCH = 50  # waiting clients served per transaction
 SKIPPED_RETRY_S = 0.02  # when a pass skipped rows locked by someone else, it looks again after this
+SKIPPED_POLL_S = 0.002  # ... or sooner, once a ring came (looked for this often meanwhile)
 SKIPPED_TRIES = 5  # ... this many times in a row; then a job looks again later
 SCHEDULE_LOCK = "aifarm_schedule"  # one scheduler at a time, across every worker
 MIN_LISTEN_S = 0.01  # a shorter wait for the next ring is not worth starting
@@ -143,11 +144,25 @@ def _hold(bus: Any, listen: float) -> tuple[int, bool]:
         if skipped_in_a_row > SKIPPED_TRIES:  # someone holds rows for long: look again later
             schedule.apply_async(countdown=0.5)
             break
-        time.sleep(SKIPPED_RETRY_S)  # rows were locked for a moment: look again once free
+        _pause_for_locked_rows(bus)  # rows were locked for a moment: look again once free
         bus.clear_flag(SCHEDULE_PENDING)
     if assigned:
         log.info("task=schedule state=finish assigned=%d", assigned)
     return assigned, handover
+
+
+def _pause_for_locked_rows(bus: Any) -> None:
+    """A pass skipped rows locked by someone else and served nobody: wait SKIPPED_RETRY_S, or
+    less once a ring comes. The usual holder is a request's own intake: its transaction holds
+    the client's row until its commit, which rings. A plain sleep made every request that
+    came during it wait: at a steady 500/s, clusters of requests waited 15 to 19 ms each for
+    nothing and set the p99. (A BLPOP with a 20 ms timeout returned after up to 100 ms on an
+    idle Redis: blocking timeouts are checked ``hz`` times a second.)"""
+    until = time.monotonic() + SKIPPED_RETRY_S
+    while time.monotonic() < until:
+        time.sleep(min(SKIPPED_POLL_S, max(0.0, until - time.monotonic())))
+        if bus.is_set(SCHEDULE_PENDING):
+            return
 
 
 @dataclass

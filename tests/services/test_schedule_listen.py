@@ -362,3 +362,43 @@ def test_a_pass_looks_for_skipped_rows_only_when_no_other_pass_is_owed(own_db: D
         lambda s: serve_batch(s, utcnow(), batch=50, max_tasks=3, skip_locked=True, owed=lambda: True)
     )
     assert [m.client_id for m in done.assignments] == ["c-locked"]  # free now: served
+
+
+def test_a_pass_that_skipped_a_locked_request_looks_again_once_the_ring_comes(
+    own_redis: str, own_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual holder of a waiting client's row is that request's own intake, whose commit
+    rings. The scheduler that skipped the row looks again once that ring comes, not after
+    SKIPPED_RETRY_S (a minute here: a scheduler that slept through the ring would not have
+    served the request when the join below gives up)."""
+    import workers.tasks
+    from workers.tasks import run_scheduler
+
+    monkeypatch.setattr(workers.tasks, "SKIPPED_RETRY_S", 60.0)
+    add_task(own_db, shards=1)
+    add_client(own_db, "c-held", ram_gb=8, waiting=1)
+    found: list[str] = []
+    statements_on(own_db, found)
+    bus = RedisBus(own_redis)
+    saved = store.db._db, store.bus._bus
+    store.db.set_db(own_db)
+    store.bus.set_bus(bus)
+    served: list[int] = []
+    try:
+        with own_db.engine.connect() as intake:  # the request's own transaction, not yet committed
+            intake.execute(text("SELECT id FROM clients WHERE id = 'c-held' FOR UPDATE"))
+            scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=0.5)))
+            scheduler.start()
+            # the pass skipped the row and looked: it is there, locked (``skipped``)
+            wait_for(lambda: any(q.startswith("SELECT clients.id FROM clients") for q in found), 10,
+                     what="a pass that skipped the locked client")  # fmt: skip
+            intake.commit()
+        assert bus.ring_scheduler() is True  # what the intake does after its commit (nobody listens)
+        scheduler.join(30)
+        assert not scheduler.is_alive(), "the scheduler slept through the ring"
+    finally:
+        store.db.set_db(saved[0])
+        store.bus.set_bus(saved[1])
+    assert served == [1]
+    with own_db.session() as s:
+        assert s.get(Client, "c-held").pending_requests == 0  # type: ignore[union-attr]
