@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pymysql.constants import SERVER_STATUS
+from pymysql.constants.CLIENT import MULTI_STATEMENTS
 from sqlalchemy import CursorResult, Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateColumn
@@ -197,8 +198,17 @@ class _Turns:
 
 class Database:
     def __init__(
-        self, url: str, *, pool_size: int = 20, timeout: int = 10, queue_timeout: float = QUEUE_TIMEOUT
+        self,
+        url: str,
+        *,
+        pool_size: int = 20,
+        timeout: int = 10,
+        queue_timeout: float = QUEUE_TIMEOUT,
+        multi_statements: bool = False,
     ) -> None:
+        """``multi_statements``: MySQL connections that may run several statements sent as
+        one string (the workers', for the scheduler's writes: see
+        :func:`workers.scheduling.write_assignments`). Everything else sends one at a time."""
         self.url = url
         self.queue_timeout = queue_timeout
         self.turns: _Turns | None = None
@@ -216,6 +226,8 @@ class Database:
                 "read_timeout": timeout,
                 "write_timeout": timeout,
             }
+            if multi_statements:
+                connect_args["client_flag"] = MULTI_STATEMENTS
             if "ssl" not in url:
                 # PyMySQL otherwise builds an SSL context for every new connection ("preferred"
                 # TLS), which loads the CA bundle: ~20 ms of CPU per connection. TLS to MySQL
@@ -422,7 +434,10 @@ def get_db() -> Database:
             if _db is None:
                 settings = server_settings.load()
                 _db = Database(
-                    settings.database_url, pool_size=settings.DB_POOL_SIZE, timeout=settings.DB_TIMEOUT
+                    settings.database_url,
+                    pool_size=settings.DB_POOL_SIZE,
+                    timeout=settings.DB_TIMEOUT,
+                    multi_statements=True,  # the workers' (the app builds its own)
                 )
     return _db
 

@@ -1,0 +1,66 @@
+"""A scheduling pass's writes: the same rows whether they go one statement at a time or, on
+the workers' connections (``multi_statements``), in one round trip. On MariaDB of its own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from store.db import Database
+from store.models import Client, TaskAssignment, TaskShard, utcnow
+from tests.conftest import fresh_database
+from tests.services.test_schedule_listen import add_client, add_task
+from workers import scheduling
+from workers.scheduling import serve_batch
+
+
+@pytest.fixture(params=[False, True], ids=["statement-by-statement", "one-round-trip"])
+def one_trip(request: pytest.FixtureRequest, services: None) -> Iterator[tuple[Database, bool]]:
+    with fresh_database(f"aifarm_test_{os.getpid()}_writes") as url:
+        database = Database(url, multi_statements=request.param)
+        yield database, request.param
+        database.engine.dispose()
+
+
+def test_a_pass_records_assignments_their_shards_and_the_requests_left(
+    one_trip: tuple[Database, bool],
+) -> None:
+    db, multi = one_trip
+    tasks = [add_task(db, shards=2) for _ in range(3)]  # a client gets one shard of a task at most
+    task_id = tasks[0]
+    asked = {"c-two": 2, "c-three": 3, "c-four": 3}  # 8 requests, 6 shards: someone is left waiting
+    for client_id, n in asked.items():
+        add_client(db, client_id, ram_gb=8, waiting=n)
+    with db.session() as s:
+        # rank 0 went out before and timed out: its old assignment is older than the pass's
+        first = s.scalars(select(TaskShard).where(TaskShard.task_id == task_id, TaskShard.rank == 0)).one()
+        now = utcnow()
+        s.add(
+            TaskAssignment(
+                task_id=task_id, client_id="c-gone", assigned_at=now, updated_at=now, status="timed_out",
+                rank=0, round=0, shard_id=first.id,
+            )
+        )  # fmt: skip
+        first.attempts = 1
+    with db.session() as s:
+        assert (scheduling._multi_statements(s) is not None) is multi  # the path under test
+    done = db.run(lambda s: serve_batch(s, utcnow(), batch=50, max_tasks=3, skip_locked=True))
+    assert len(done.assignments) == 6  # every shard went out
+    with db.session() as s:
+        shards = {sh.id: sh for sh in s.scalars(select(TaskShard).where(TaskShard.task_id.in_(tasks)))}
+        for made in done.assignments:
+            row = s.get(TaskAssignment, made.assignment_id)
+            assert row is not None and row.client_id == made.client_id and row.status == "assigned"
+            shard = shards[row.shard_id]
+            assert (shard.status, shard.assignment_id, shard.rank) == ("assigned", row.id, made.rank)
+        assert sorted(sh.assignment_id for sh in shards.values()) == sorted(
+            m.assignment_id for m in done.assignments
+        )  # rank 0 points at its new assignment, not at the one that timed out
+        for client_id, n in asked.items():
+            got = sum(1 for m in done.assignments if m.client_id == client_id)
+            client = s.get(Client, client_id)
+            assert client is not None and client.pending_requests == n - got
+            assert (client.requested_at is None) is (n == got)
