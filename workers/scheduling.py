@@ -15,8 +15,9 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
+import pymysql
 from pymysql.constants.CLIENT import MULTI_STATEMENTS
-from sqlalchemy import Select, bindparam, case, insert, or_, select, update
+from sqlalchemy import Connection, Select, bindparam, case, exc, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 import server_settings
@@ -411,8 +412,8 @@ def write_assignments(
         }
         for client_id, shard in pairs
     ]
-    if (dbapi := _multi_statements(s)) is not None:
-        ids = _write_in_one_trip(dbapi, new, now, requests_left or {})
+    if (conn := _multi_statements(s)) is not None:
+        ids = _write_in_one_trip(conn, new, now, requests_left or {})
     else:
         ids = list(
             s.scalars(
@@ -460,16 +461,16 @@ _ASSIGNMENT_COLUMNS = (
 )
 
 
-def _multi_statements(s: Session) -> Any | None:
-    """The PyMySQL connection under ``s`` when it may send several statements at once."""
+def _multi_statements(s: Session) -> Connection | None:
+    """The connection of ``s`` when it may send several statements at once (PyMySQL's flag)."""
     if s.get_bind().dialect.name != "mysql":
         return None
-    dbapi = s.connection().connection.dbapi_connection
-    return dbapi if getattr(dbapi, "client_flag", 0) & MULTI_STATEMENTS else None
+    conn = s.connection()
+    return conn if getattr(conn.connection.dbapi_connection, "client_flag", 0) & MULTI_STATEMENTS else None
 
 
 def _write_in_one_trip(
-    dbapi: Any, rows: list[dict[str, Any]], now: datetime, requests_left: Mapping[str, Left]
+    conn: Connection, rows: list[dict[str, Any]], now: datetime, requests_left: Mapping[str, Left]
 ) -> list[int]:
     """The INSERT of ``rows`` (RETURNING their ids), the shards marked assigned to them and
     the clients' requests left, sent as one string: one round trip instead of three. At a
@@ -479,6 +480,7 @@ def _write_in_one_trip(
     A shard's new assignment is found by the join: the only one of that shard with an id
     from ``LAST_INSERT_ID()`` (the INSERT's first id) up; the shard row is locked by this
     transaction, so nobody else inserted one meanwhile."""
+    dbapi: Any = conn.connection.dbapi_connection
     one = "(" + ", ".join(["%s"] * len(_ASSIGNMENT_COLUMNS)) + ")"
     args: list[Any] = [row[c] for row in rows for c in _ASSIGNMENT_COLUMNS]
     statements = [
@@ -497,11 +499,23 @@ def _write_in_one_trip(
         args += [x for client_id, (n, _) in requests_left.items() for x in (client_id, n)]
         args += [x for client_id, (_, at) in requests_left.items() for x in (client_id, at)]
         args.append(list(requests_left))
-    with dbapi.cursor() as cursor:
-        cursor.execute(";".join(statements), args)
+    sql = ";".join(statements)
+    cursor = dbapi.cursor()
+    try:
+        cursor.execute(sql, args)
         ids = [int(row[0]) for row in cursor.fetchall()]
-        while cursor.nextset():  # the UPDATEs' results: read, so the connection is free again
+        while cursor.nextset():  # the UPDATEs' results: an error in one is raised here
             pass
+    except pymysql.err.Error as error:
+        # As SQLAlchemy raises it for a statement of its own, so that the caller's handling
+        # (Database.run: deadlocks run again, a lost connection is an outage) applies alike
+        lost = conn.dialect.is_disconnect(error, dbapi, cursor)
+        if lost:
+            conn.invalidate(error)
+        raise exc.DBAPIError.instance(
+            sql, args, error, pymysql.err.Error, connection_invalidated=lost
+        ) from error
+    cursor.close()
     if len(ids) != len(rows):
         raise RuntimeError(f"INSERT RETURNING gave {len(ids)} ids for {len(rows)} rows")
     return ids

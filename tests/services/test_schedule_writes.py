@@ -7,9 +7,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import exc, select, text
+from sqlalchemy.orm import Session
 
-from store.db import Database
+from store.db import Database, Unavailable, is_retryable
 from store.models import Client, TaskAssignment, TaskShard, utcnow
 from tests.conftest import fresh_database
 from tests.services.test_schedule_listen import add_client, add_task
@@ -64,3 +65,52 @@ def test_a_pass_records_assignments_their_shards_and_the_requests_left(
             client = s.get(Client, client_id)
             assert client is not None and client.pending_requests == n - got
             assert (client.requested_at is None) is (n == got)
+
+
+def test_an_error_in_any_statement_of_the_one_trip_is_raised_as_sqlalchemy_raises_its_own(
+    services: None,
+) -> None:
+    """``Database.run`` runs a deadlock or a lock wait again and calls a lost connection an
+    outage by SQLAlchemy's exception classes: the one-trip write raises those too, whether
+    its first statement failed or a later one (read after the first one's rows), and the
+    transaction is rolled back whole."""
+    with fresh_database(f"aifarm_test_{os.getpid()}_trip") as url:
+        db = Database(url, multi_statements=True)
+        try:
+            task_id = add_task(db, shards=1)
+            add_client(db, "c-1", ram_gb=8, waiting=1)
+            with db.session() as s:
+                shard = s.scalars(select(TaskShard).where(TaskShard.task_id == task_id)).one()
+                row = {
+                    "task_id": task_id, "client_id": "c-1", "assigned_at": utcnow(), "updated_at": utcnow(),
+                    "status": "assigned", "rank": 0, "round": 0, "shard_id": shard.id, "deadline_at": None,
+                }  # fmt: skip
+
+            def write(s: Session, left: dict[str, scheduling.Left]) -> list[int]:
+                s.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+                conn = scheduling._multi_statements(s)
+                assert conn is not None
+                return scheduling._write_in_one_trip(conn, [row], utcnow(), left)
+
+            # the last statement fails (a client's pending requests may not be NULL)
+            with pytest.raises(exc.IntegrityError) as failed:
+                db.run(lambda s: write(s, {"c-1": (None, None)}), attempts=1)  # type: ignore[dict-item]
+            assert failed.value.orig.args[0] == 1048  # type: ignore[union-attr]
+            assert rows_of(db, "SELECT COUNT(*) FROM task_assignments") == 0  # the INSERT went too
+            # the first statement waits on a lock (the task's row, which the INSERT's key reads)
+            with db.engine.connect() as other:
+                other.execute(text("SELECT id FROM tasks WHERE id = :t FOR UPDATE"), {"t": task_id})
+                with pytest.raises(Unavailable, match="busy: errno 1205") as waited:
+                    db.run(lambda s: write(s, {}), attempts=1)  # one try only: "busy", not a bug
+                other.rollback()
+            assert is_retryable(waited.value.__cause__)  # type: ignore[arg-type]
+            assert (
+                db.run(lambda s: write(s, {})) and rows_of(db, "SELECT COUNT(*) FROM task_assignments") == 1
+            )
+        finally:
+            db.engine.dispose()
+
+
+def rows_of(db: Database, sql: str) -> int:
+    with db.session() as s:
+        return int(s.execute(text(sql)).scalar_one())
