@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pymysql.constants import SERVER_STATUS
-from pymysql.constants.CLIENT import MULTI_STATEMENTS
+from pymysql.constants.CLIENT import FOUND_ROWS, MULTI_STATEMENTS
 from sqlalchemy import CursorResult, Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateColumn
@@ -227,7 +227,9 @@ class Database:
                 "write_timeout": timeout,
             }
             if multi_statements:
-                connect_args["client_flag"] = MULTI_STATEMENTS
+                # This replaces the flags SQLAlchemy's dialect sets, FOUND_ROWS among them: an
+                # UPDATE's rowcount is the rows it matched, which every compare-and-set here reads
+                connect_args["client_flag"] = MULTI_STATEMENTS | FOUND_ROWS
             if "ssl" not in url:
                 # PyMySQL otherwise builds an SSL context for every new connection ("preferred"
                 # TLS), which loads the CA bundle: ~20 ms of CPU per connection. TLS to MySQL

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import exc, select, text
 from sqlalchemy.orm import Session
 
-from store.db import Database, Unavailable, is_retryable
+from store.db import Database, Unavailable, affected, is_retryable
 from store.models import Client, TaskAssignment, TaskShard, utcnow
 from tests.conftest import fresh_database
 from tests.services.test_schedule_listen import add_client, add_task
@@ -114,3 +114,19 @@ def test_an_error_in_any_statement_of_the_one_trip_is_raised_as_sqlalchemy_raise
 def rows_of(db: Database, sql: str) -> int:
     with db.session() as s:
         return int(s.execute(text(sql)).scalar_one())
+
+
+def test_an_update_counts_the_rows_it_matched_on_every_kind_of_connection(
+    one_trip: tuple[Database, bool],
+) -> None:
+    """Compare-and-sets read an UPDATE's rowcount as the rows it matched (MySQL's FOUND_ROWS,
+    which SQLAlchemy asks for): the workers' connections, with their own flags, count alike.
+    Without it a sweep's UPDATE of a row that already held those values counted 0, and the
+    ORM raised StaleDataError."""
+    db, _ = one_trip
+    add_client(db, "c-same", ram_gb=8, waiting=0)
+    for _ in range(2):  # the second UPDATE changes nothing and still matches the row
+        matched = db.run(
+            lambda s: affected(s.execute(text("UPDATE clients SET pending_requests = 0 WHERE id = 'c-same'")))
+        )
+        assert matched == 1
