@@ -62,6 +62,12 @@ def own_db(services: None) -> Iterator[Database]:
         db.engine.dispose()
 
 
+def use(monkeypatch: pytest.MonkeyPatch, db: Database, bus: store.bus.Bus) -> None:
+    """This test's database and bus are the process's (``get_db``, ``get_bus``) until it ends."""
+    monkeypatch.setattr(store.db, "_db", db)
+    monkeypatch.setattr(store.bus, "_bus", bus)
+
+
 def add_client(db: Database, client_id: str, *, ram_gb: float, waiting: int) -> None:
     now = utcnow()
     with db.session() as s:
@@ -88,7 +94,7 @@ def add_task(db: Database, *, shards: int, priority: int = 0, ram_gb: float = 0)
 
 
 def test_a_client_that_fits_nothing_in_the_window_gets_a_shard_beyond_it(
-    own_redis: str, own_db: Database
+    own_redis: str, own_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pass reads twice as many queued shards as were asked for (at least MIN_WINDOW). One
     small client, ahead of it in priority order more shards than that which it cannot run:
@@ -99,14 +105,8 @@ def test_a_client_that_fits_nothing_in_the_window_gets_a_shard_beyond_it(
     add_task(own_db, shards=MIN_WINDOW + 4, priority=5, ram_gb=64)  # first in order; too big for it
     small = add_task(own_db, shards=1, priority=0, ram_gb=2)
     add_client(own_db, "c-small", ram_gb=8, waiting=1)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(RedisBus(own_redis))
-    try:
-        done = serve_waiting()
-    finally:
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
+    use(monkeypatch, own_db, RedisBus(own_redis))
+    done = serve_waiting()
     assert done.assigned == 1
     with own_db.session() as s:
         got = s.execute(text("SELECT task_id FROM task_assignments WHERE client_id = 'c-small'")).all()
@@ -134,29 +134,25 @@ def test_a_ring_goes_to_the_listening_scheduler_and_sends_a_job_otherwise(own_re
     assert bus.ring_scheduler() is True  # nobody listens any more: jobs again
 
 
-def test_a_listening_scheduler_serves_a_request_without_a_job(own_redis: str, own_db: Database) -> None:
+def test_a_listening_scheduler_serves_a_request_without_a_job(
+    own_redis: str, own_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from workers.tasks import run_scheduler
 
     add_client(own_db, "c-listen", ram_gb=8, waiting=0)  # connected, not asking yet
     add_task(own_db, shards=1)
     bus = RedisBus(own_redis)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(bus)
+    use(monkeypatch, own_db, bus)
     served: list[int] = []
-    try:
-        scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=3.0)))
-        scheduler.start()  # nobody waits: one empty pass, then it listens
-        wait_for(lambda: bus.is_set(SCHEDULE_LISTENING), 10, what="the scheduler listening")
-        with own_db.session() as s:  # the client asks, as the web tier's intake writes it
-            s.get(Client, "c-listen").pending_requests = 1  # type: ignore[union-attr]
-            s.get(Client, "c-listen").requested_at = utcnow()  # type: ignore[union-attr]
-        assert bus.ring_scheduler() is False  # what the web tier does next: no job is sent
-        scheduler.join(30)
-        assert not scheduler.is_alive()
-    finally:
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
+    scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=3.0)))
+    scheduler.start()  # nobody waits: one empty pass, then it listens
+    wait_for(lambda: bus.is_set(SCHEDULE_LISTENING), 10, what="the scheduler listening")
+    with own_db.session() as s:  # the client asks, as the web tier's intake writes it
+        s.get(Client, "c-listen").pending_requests = 1  # type: ignore[union-attr]
+        s.get(Client, "c-listen").requested_at = utcnow()  # type: ignore[union-attr]
+    assert bus.ring_scheduler() is False  # what the web tier does next: no job is sent
+    scheduler.join(30)
+    assert not scheduler.is_alive()
     assert served == [1]  # the one run served the request it was rung for, then ended
     with own_db.session() as s:
         assert s.get(Client, "c-listen").pending_requests == 0  # type: ignore[union-attr]
@@ -181,9 +177,7 @@ def test_a_scheduler_hands_over_after_hold_s_with_the_lock_free(
 
     monkeypatch.setattr(workers.tasks, "HOLD_S", 0.5)
     monkeypatch.setattr(workers.tasks.schedule, "delay", send_fresh_job)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(bus)
+    use(monkeypatch, own_db, bus)
     stop = threading.Event()
 
     def ring_forever() -> None:  # a request every 10 ms, as a steady stream would
@@ -197,8 +191,6 @@ def test_a_scheduler_hands_over_after_hold_s_with_the_lock_free(
     finally:
         stop.set()
         ringer.join(10)
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
     assert sent == [(True, False)]  # one fresh job, sent with the lock free and nobody listening
 
 
@@ -242,15 +234,11 @@ def test_a_job_that_finds_the_lock_taken_as_its_holder_ends_serves_the_request_i
         return ring()
 
     monkeypatch.setattr(bus, "ring_scheduler", holder_ends_first)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(bus)
+    use(monkeypatch, own_db, bus)
     try:
         assigned = run_scheduler()
     finally:
         holder.close()
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
     assert assigned == 1
     with own_db.session() as s:
         assert s.get(Client, "c-raced").pending_requests == 0  # type: ignore[union-attr]
@@ -272,16 +260,10 @@ def test_a_job_that_finds_the_lock_taken_with_redis_down_tries_again_once_and_en
         return rings[-1]
 
     monkeypatch.setattr(bus, "ring_scheduler", counted)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(bus)
-    try:
-        with own_db.exclusive(SCHEDULE_LOCK) as held:  # held throughout by another scheduler
-            assert held
-            assert run_scheduler() == 0
-    finally:
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
+    use(monkeypatch, own_db, bus)
+    with own_db.exclusive(SCHEDULE_LOCK) as held:  # held throughout by another scheduler
+        assert held
+        assert run_scheduler() == 0
     assert rings == [True, True]  # Redis down both times; the lock tried twice, then it ended
 
 
@@ -380,25 +362,19 @@ def test_a_pass_that_skipped_a_locked_request_looks_again_once_the_ring_comes(
     found: list[str] = []
     statements_on(own_db, found)
     bus = RedisBus(own_redis)
-    saved = store.db._db, store.bus._bus
-    store.db.set_db(own_db)
-    store.bus.set_bus(bus)
+    use(monkeypatch, own_db, bus)
     served: list[int] = []
-    try:
-        with own_db.engine.connect() as intake:  # the request's own transaction, not yet committed
-            intake.execute(text("SELECT id FROM clients WHERE id = 'c-held' FOR UPDATE"))
-            scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=0.5)))
-            scheduler.start()
-            # the pass skipped the row and looked: it is there, locked (``skipped``)
-            wait_for(lambda: any(q.startswith("SELECT clients.id FROM clients") for q in found), 10,
-                     what="a pass that skipped the locked client")  # fmt: skip
-            intake.commit()
-        assert bus.ring_scheduler() is True  # what the intake does after its commit (nobody listens)
-        scheduler.join(30)
-        assert not scheduler.is_alive(), "the scheduler slept through the ring"
-    finally:
-        store.db.set_db(saved[0])
-        store.bus.set_bus(saved[1])
+    with own_db.engine.connect() as intake:  # the request's own transaction, not yet committed
+        intake.execute(text("SELECT id FROM clients WHERE id = 'c-held' FOR UPDATE"))
+        scheduler = threading.Thread(target=lambda: served.append(run_scheduler(listen=0.5)))
+        scheduler.start()
+        # the pass skipped the row and looked: it is there, locked (``skipped``)
+        wait_for(lambda: any(q.startswith("SELECT clients.id FROM clients") for q in found), 10,
+                 what="a pass that skipped the locked client")  # fmt: skip
+        intake.commit()
+    assert bus.ring_scheduler() is True  # what the intake does after its commit (nobody listens)
+    scheduler.join(30)
+    assert not scheduler.is_alive(), "the scheduler slept through the ring"
     assert served == [1]
     with own_db.session() as s:
         assert s.get(Client, "c-held").pending_requests == 0  # type: ignore[union-attr]
