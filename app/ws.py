@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from typing import Any
 
 from simple_websocket import ConnectionClosed
@@ -75,6 +76,7 @@ class Connection:
         self.settings = settings
         self.remote = remote
         self.conn_id = uuid.uuid4().hex
+        self.slice = zlib.crc32(self.conn_id.encode())  # which of the hub's flushes refresh last_seen
         self.client_id: str | None = None
         self._lock = threading.RLock()
         self._held: dict[int, assignments.Open] = {}  # assignment id -> what the client was sent
@@ -345,6 +347,7 @@ class Connection:
         aid = self._find(msg.task_id, msg.round)
         with self._lock:
             self._progress[aid] = (msg.progress, msg.metrics)
+        self.hub.reported(self)
         self._note_utilization(msg.utilization)
 
     def _note_utilization(self, utilization: protocol.Utilization | None) -> None:
@@ -353,6 +356,7 @@ class Connection:
         if report is not None:
             with self._lock:
                 self._utilization = report
+            self.hub.reported(self)
 
     def _task_result(self, msg: TaskResult) -> None:
         """Record a result and acknowledge it (``result_accepted``) after the commit.
