@@ -54,7 +54,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_SIZE
     app.config["SOCK_SERVER_OPTIONS"] = {
         "max_message_size": settings.WS_MAX_MESSAGE_SIZE,
-        "ping_interval": settings.WS_PING_INTERVAL,
+        "ping_interval": None,  # the hub pings every WS_PING_INTERVAL (app/hub.py, _ping_loop)
     }
     if settings.PROXY_HOPS > 0:  # the client address from X-Forwarded-For, this many proxies back
         hops = settings.PROXY_HOPS
@@ -75,6 +75,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         intake=intake,
         results=results,
         connection_timeout=settings.CONNECTION_TIMEOUT,
+        ping_interval=settings.WS_PING_INTERVAL,
     )
     app.extensions["aifarm.db"] = db
     app.extensions["aifarm.hub"] = hub

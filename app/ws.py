@@ -20,6 +20,7 @@ from typing import Any
 
 from simple_websocket import ConnectionClosed
 from sqlalchemy.orm import Session
+from wsproto.events import Ping
 
 import server_settings
 from app import compat, jobs, metrics, protocol
@@ -86,6 +87,7 @@ class Connection:
         self._utilization: dict[str, Any] | None = None  # the latest report, not yet written
         self._tokens = float(settings.WS_MESSAGES_PER_MINUTE)
         self._refilled = time.monotonic()
+        self._pinged = False  # a ping was sent: the next one needs its pong first
 
     # --- sending ---
 
@@ -103,6 +105,36 @@ class Connection:
         if field is not None:
             body["field"] = field  # the path of the field at fault, as in the REST API's errors
         self.send(body)
+
+    def ping(self) -> bool:
+        """Send a WebSocket ping (the hub calls this every ``WS_PING_INTERVAL``). A socket
+        whose previous ping got no pong is dropped instead, as simple-websocket's own pings
+        would: a peer that vanished without a FIN (a laptop that slept, a cut network) is
+        found within two intervals. Returns whether the socket is still open."""
+        ws = self.ws
+        with self._lock:
+            timed_out = self._pinged and not ws.pong_received  # simple-websocket sets it on a pong
+            if ws.connected and not timed_out:
+                ws.pong_received = False
+                self._pinged = True
+                try:
+                    ws.sock.send(ws.ws.send(Ping()))
+                    return True
+                except Exception:  # the socket broke or closed meanwhile
+                    pass
+        if timed_out:
+            log.info("event=ping_timeout client=%s remote=%s", self.client_id, self.remote)
+        self._drop("Ping/Pong timeout")
+        return False
+
+    def _drop(self, why: str) -> None:
+        """End this socket whatever its peer does: close (1008), wake :meth:`serve`, and shut
+        the socket down, which ends simple-websocket's reader waiting on a vanished peer."""
+        with contextlib.suppress(Exception):  # it may be closed already
+            self.ws.close(reason=CLOSE_POLICY, message=why)
+        self.ws.event.set()
+        with contextlib.suppress(OSError):
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
 
     def close_superseded(self) -> None:
         """Another connection of this client took over (or the sweep timed us out)."""
@@ -162,6 +194,7 @@ class Connection:
     # --- receiving ---
 
     def serve(self) -> None:
+        self.hub.opened(self)
         try:
             while True:
                 frame = self.ws.receive()
