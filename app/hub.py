@@ -29,8 +29,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from app.ws import Connection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FULL_PASS_CHUNK = 100  # clients reconciled per step of the periodic pass (rings go between steps)
 FULL_PASS_SPREAD = 0.5  # the periodic pass's steps are spread over this share of its period
@@ -242,11 +243,9 @@ class Hub:
             started = time.monotonic()
             with self._lock:
                 conns = list(self._open)
-            chunks = [conns[i : i + FULL_PASS_CHUNK] for i in range(0, len(conns), FULL_PASS_CHUNK)]
-            for n, chunk in enumerate(chunks):
+            for chunk in paced(conns, FULL_PASS_CHUNK, self.ping_interval):
                 for conn in chunk:
                     conn.ping()
-                time.sleep(max(0.0, started + (n + 1) * self.ping_interval / len(chunks) - time.monotonic()))
             time.sleep(max(0.0, started + self.ping_interval - time.monotonic()))
 
     def _young_loop(self, collector: gcpause.Collector) -> None:
@@ -344,10 +343,7 @@ class Hub:
         # The chunks are spread over part of the period: 3,300 rows at once (every 5 s at 10,000
         # clients) kept MariaDB busy and the rows locked for 200 ms, and the task_requests of
         # that moment, whose intake writes the same rows, waited (p99 at a steady 500/s).
-        chunks = [due[start : start + TOUCH_CHUNK] for start in range(0, len(due), TOUCH_CHUNK)]
-        for n, chunk in enumerate(chunks):
-            if n:
-                time.sleep(self.interval * TOUCH_SPREAD / len(chunks))
+        for chunk in paced(due, TOUCH_CHUNK, self.interval * TOUCH_SPREAD):
             ids = [c.conn_id for c in chunk]
 
             def touch(s: Session, ids: list[str] = ids) -> set[str]:
@@ -388,6 +384,17 @@ def full_pass_period(connections: int, interval: float) -> float:
     """Seconds between two periodic passes over every local client: ``interval``, or longer
     when that would reconcile more than FULL_PASS_RATE clients a second."""
     return max(interval, connections / FULL_PASS_RATE)
+
+
+def paced(items: list[T], size: int, seconds: float) -> Iterator[list[T]]:
+    """``items`` in chunks of ``size``, the chunks spread evenly over ``seconds``: the first at
+    once, each next one when its share of the time has passed (the caller's work included)."""
+    chunks = [items[start : start + size] for start in range(0, len(items), size)]
+    started = time.monotonic()
+    for n, chunk in enumerate(chunks):
+        if n:
+            time.sleep(max(0.0, started + n * seconds / len(chunks) - time.monotonic()))
+        yield chunk
 
 
 def close_for_restart(conn: Connection) -> None:
