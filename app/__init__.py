@@ -33,7 +33,7 @@ from app import (
     validation,
 )
 from app.hub import Hub
-from app.intake import Intake, Results
+from app.intake import Departures, Intake, Results
 from app.ws import Connection, origin_allowed
 from store import clients
 from store.bus import Bus, LocalBus, RedisBus, set_bus
@@ -74,6 +74,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         interval=settings.RECONCILE_INTERVAL,
         intake=intake,
         results=results,
+        departures=Departures(db, grace=settings.RECONNECT_GRACE),
         connection_timeout=settings.CONNECTION_TIMEOUT,
         ping_interval=settings.WS_PING_INTERVAL,
     )

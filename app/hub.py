@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.orm import Session
 
 from app import gcpause, metrics
-from app.intake import Intake, Results
+from app.intake import Departures, Intake, Results
 from store import assignments, clients
 from store.assignments import Made
 from store.bus import Bus
@@ -70,6 +70,7 @@ class Hub:
         interval: float,
         intake: Intake,
         results: Results,
+        departures: Departures,
         connection_timeout: float = 60.0,
         ping_interval: float = 0.0,
     ) -> None:
@@ -83,6 +84,7 @@ class Hub:
         self._flushes = 0
         self.intake = intake  # task_request writes, many sockets per transaction
         self.results = results  # task_result writes, likewise
+        self.departures = departures  # closed sockets, likewise
         self._conns: dict[str, Connection] = {}
         self._lock = threading.Lock()
         self._pending: set[str] = set()

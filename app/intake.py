@@ -185,6 +185,21 @@ class Intake(GroupCommit[tuple[str, str], bool]):
         return self.submit((client_id, conn_id), timeout=timeout)
 
 
+class Departures(GroupCommit[tuple[str, str], bool]):
+    """Closed sockets: (client id, conn id) in; True once committed if it was the client's
+    current connection, False if the client had registered again elsewhere meanwhile. When
+    every client of a web process leaves at once (a network blip, a proxy restart), one
+    transaction a socket released 10,000 clients in 25 s, with the pool's connections, and so
+    every other message's database work, waiting behind them."""
+
+    def __init__(self, db: Database, *, grace: float | None) -> None:
+        def write(s: Session, pairs: list[tuple[str, str]]) -> list[bool | Exception]:
+            gone = clients.disconnect_batch(s, pairs, utcnow(), grace=grace)
+            return [pair in gone for pair in pairs]
+
+        super().__init__(db, write, max_batch=500, name="departures")
+
+
 @dataclass(frozen=True)
 class Result:
     """A ``task_result`` as received: who sent it and what it says."""

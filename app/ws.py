@@ -442,9 +442,8 @@ class Connection:
         client_id = self.client_id
         if client_id is None:
             return
-        try:
-            grace = self.settings.RECONNECT_GRACE
-            self.db.run(lambda s: clients.disconnect(s, client_id, self.conn_id, utcnow(), grace=grace))
+        try:  # written with the other sockets that close meanwhile (app/intake.py)
+            self.hub.departures.submit((client_id, self.conn_id), timeout=self.db.queue_timeout)
         except Exception as error:  # the sweep settles it after CONNECTION_TIMEOUT
             log.warning("event=disconnect client=%s state=failed error=%s", client_id, type(error).__name__)
         log.info("event=disconnect client=%s", client_id)

@@ -11,12 +11,15 @@ asyncio ``websockets`` connections, spread over ``--drivers`` processes. Phases:
 1. connect and register every client                  -> connections held, web RSS per connection
 2. N shards queued; every client sends task_request at once -> request->task p50/p99, assignments/s
 3. every client sends task_progress for a while         -> progress messages/s ingested by the web
-   tier (its own counter, aifarm_ws_messages_total), and the latest progress is in MySQL
+   tier (its own counter, aifarm_ws_messages_total), and the latest progress is in MySQL; the
+   cores each part of the stack kept busy meanwhile, and the web's CPU per message
 4. every client sends its task_result and waits for result_accepted -> every result recorded once
 5. steady requests, once the worker is idle: every connected client sends a heartbeat every
    ``--heartbeat`` s, and from ``--settle`` s later clients send task_request at ``--steady-rate``
    per second in all (each client once, evenly spaced) -> request->task p50/p99 at that rate
-6. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
+6. every client closes its socket at once (a network blip)  -> seconds until every client row is
+   released (the web tier writes each disconnect)
+7. references, same machine, same run: a Celery no-op task (enqueue rate, completion rate, round
    trip), a MariaDB SKIP LOCKED claim loop (one connection), and a bare flask-sock echo under
    gunicorn's gevent worker (idle memory per socket, echo messages/s with 100 sockets).
 
@@ -34,6 +37,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import sys
@@ -47,6 +51,7 @@ from typing import Any
 import psutil
 import pymysql
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import apply_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,6 +82,23 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# a task_progress message as json.dumps writes it (formatting it so costs a third of json.dumps)
+PROGRESS = b'{"type": "task_progress", "task_id": %d, "round": %d, "progress": %.1f, "metrics": {"loss": %r}}'
+
+
+def client_frame(payload: bytes) -> bytes:
+    """One masked text frame, as a client sends it (RFC 6455 5.2)."""
+    mask = random.randbytes(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + mask + apply_mask(payload, mask)
 
 
 # --- the drivers: asyncio clients in child processes ---
@@ -168,23 +190,36 @@ class Driver:
         return {"latencies": latencies, "first": min(firsts, default=0), "last": max(lasts, default=0),
                 "errors": errors, "shards": shards}  # fmt: skip
 
-    async def progress(self, seconds: float, period: float) -> dict[str, Any]:
-        sent = 0
-        end = time.time() + seconds
+    async def progress(self, seconds: float, per_client: float) -> dict[str, Any]:
+        """``per_client`` progress messages/s from each client that holds a task, for ``seconds``.
 
-        async def one(ws: ClientConnection, task: dict[str, Any]) -> None:
-            nonlocal sent
-            step = 0
-            while time.time() < end:
-                step += 1
-                body = {"type": "task_progress", "task_id": task["id"], "round": task["round"],
-                        "progress": min(99.0, step / 10), "metrics": {"loss": 1.0 / step}}  # fmt: skip
-                await ws.send(json.dumps(body))
+        One loop writes each message as a ready-made masked text frame straight to its socket's
+        transport, round robin over the clients. The frames are the ones ``ws.send`` would write
+        (RFC 6455, masked, one frame a message), but a send through the library and a timer per
+        client cost the drivers about as much CPU as the server spends taking the message in,
+        and the drivers share the server's cores. A socket whose outgoing buffer is over 64 KB
+        (the server is not reading it) is skipped: what was skipped was not offered."""
+        clients = [(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t]
+        rate = per_client * len(clients)
+        sent = skipped = 0
+        steps = [0] * len(clients)
+        i = 0
+        t0 = time.perf_counter()
+        while clients and (elapsed := time.perf_counter() - t0) < seconds:
+            for _ in range(int(elapsed * rate) - sent - skipped):
+                k = i % len(clients)
+                i += 1
+                ws, task = clients[k]
+                transport = ws.transport
+                if transport.is_closing() or transport.get_write_buffer_size() > 65536:
+                    skipped += 1
+                    continue
+                steps[k] += 1
+                body = PROGRESS % (task["id"], task["round"], min(99.0, steps[k] / 10), 1.0 / steps[k])
+                transport.write(client_frame(body))
                 sent += 1
-                await asyncio.sleep(period)
-
-        await asyncio.gather(*(one(ws, t) for ws, t in zip(self.socks, self.tasks, strict=True) if t))
-        return {"sent": sent}
+            await asyncio.sleep(0.005)
+        return {"sent": sent, "skipped": skipped}
 
     async def results(self, timeout: float) -> dict[str, Any]:
         acks: list[dict[str, Any]] = []
@@ -366,8 +401,46 @@ def web_rss(proc: Proc) -> int:
     return sum(child.memory_info().rss for child in master.children(recursive=True))
 
 
-def counter(port: int, name: str, token: str, **labels: str) -> float:
-    status, body = request(port, "GET", "/metrics", token=token)
+class CpuMeter:
+    """CPU time of each part of the stack (web, drivers, celery, mariadb, redis, this script)."""
+
+    def __init__(self, web: Proc | None, worker: Proc | None, drivers: Drivers) -> None:
+        def tree(proc: Proc | None) -> list[psutil.Process]:
+            if proc is None:
+                return []
+            top = psutil.Process(proc.popen.pid)
+            return [top, *top.children(recursive=True)]
+
+        def named(name: str) -> list[psutil.Process]:
+            return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name]
+
+        self.parts = {
+            "web": tree(web),
+            "drivers": [psutil.Process(p.pid) for p in drivers.procs],
+            "celery": tree(worker),
+            "mariadb": named("mariadbd"),
+            "redis": named("redis-server"),
+            "bench": [psutil.Process()],
+        }
+
+    def read(self) -> dict[str, float]:
+        seconds = {}
+        for part, procs in self.parts.items():
+            seconds[part] = 0.0
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    seconds[part] += times.user + times.system
+        return seconds
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+        """Cores each part kept busy between two readings ``wall`` seconds apart."""
+        return {part: (after[part] - before[part]) / max(1e-9, wall) for part in before}
+
+
+def counter(port: int, name: str, token: str, timeout: float = 30, **labels: str) -> float:
+    status, body = request(port, "GET", "/metrics", token=token, timeout=timeout)
     assert status == 200, body
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -437,13 +510,16 @@ def run_load(
     heartbeat: float = 5.0,
     redis_url: str | None = None,
     settle: float = 0.0,
+    worker: Proc | None = None,
 ) -> dict[str, Any]:
     """Drive ``clients`` clients against a running stack; returns the figures and the checks.
     ``redis_url``: the broker, to start the steady phase once the worker's queue is empty;
-    ``settle``: seconds of heartbeats before the first steady request (see ``--settle``)."""
+    ``settle``: seconds of heartbeats before the first steady request (see ``--settle``);
+    ``web``, ``worker``: the stack's processes, for memory and the CPU each part used."""
     out: dict[str, Any] = {"clients": clients, "drivers": drivers}
     rss0 = web_rss(web) if web is not None else 0
     group = Drivers(port, clients, drivers)
+    meter = CpuMeter(web, worker, group)
     try:
         # 1. connections
         t0 = time.perf_counter()
@@ -473,9 +549,10 @@ def run_load(
         # 3. progress
         if progress_seconds > 0:
             before = counter(port, "aifarm_ws_messages_total", token, direction="in", type="task_progress")
-            period = max(0.01, out["assigned"] / progress_rate)
+            cpu0 = meter.read()
             t0 = time.perf_counter()
-            sent = sum(r["sent"] for r in group.all("progress", progress_seconds, period))
+            offered = group.all("progress", progress_seconds, progress_rate / max(1, out["assigned"]))
+            sent = sum(r["sent"] for r in offered)
             # what was sent and not yet handled is still counted: wait for the counter to settle
             seen = [before]
 
@@ -491,6 +568,11 @@ def run_load(
             out["progress_ingested"] = seen[-1] - before
             out["progress_per_s"] = (seen[-1] - before) / elapsed
             out["progress_offered_per_s"] = sent / progress_seconds
+            out["progress_skipped"] = sum(r["skipped"] for r in offered)
+            out["progress_cores"] = meter.cores(cpu0, meter.read(), elapsed)
+            out["progress_web_us_per_message"] = (
+                out["progress_cores"]["web"] * elapsed / max(1, out["progress_ingested"]) * 1e6
+            )
         # 4. results
         t0 = time.perf_counter()
         res = group.all("results", ack_timeout)
@@ -514,7 +596,9 @@ def run_load(
                 pipe.send(
                     ("steady", (time.time() + 0.5, steady_rate * share / count, share, heartbeat, settle))
                 )
+            cpu0, t0 = meter.read(), time.perf_counter()
             steady = [pipe.recv() for pipe in group.pipes]
+            out["steady_cores"] = meter.cores(cpu0, meter.read(), time.perf_counter() - t0)
             latencies = [x for r in steady for x in r["latencies"]]
             out["steady_requests"] = count
             out["steady_rate_offered"] = count / max(r["offered_s"] for r in steady)
@@ -527,7 +611,16 @@ def run_load(
             out["steady_timeline"] = sorted(x for r in steady for x in r["timeline"])
             steady_shards = [tuple(x) for r in steady for x in r["shards"]]
             out["shards_given_twice"] += len(steady_shards) - len(set(steady_shards))
+        # 6. every client leaves at once (a network blip, a proxy restart): until every client row is released
+        t0 = time.perf_counter()
         group.all("close")
+        wait_for(
+            lambda: sql(database_url, "SELECT COUNT(*) FROM clients WHERE conn_id IS NOT NULL")[0][0] == 0,
+            PHASE_TIMEOUT,
+            0.1,
+            "every client row released",
+        )
+        out["disconnect_s"] = time.perf_counter() - t0
     finally:
         group.stop()
     # the checks, from MySQL
@@ -539,7 +632,9 @@ def run_load(
         "SELECT COUNT(*) FROM (SELECT shard_id FROM task_assignments WHERE status <> 'released' "
         "GROUP BY shard_id HAVING COUNT(*) > 1) twice",
     )[0][0]
-    out["unavailable_errors"] = counter(port, "aifarm_ws_errors_total", token, code="unavailable")
+    out["unavailable_errors"] = counter(
+        port, "aifarm_ws_errors_total", token, code="unavailable", timeout=PHASE_TIMEOUT
+    )
     return out
 
 
@@ -649,6 +744,11 @@ def _port_open(port: int) -> bool:
 # --- the report ---
 
 
+def cores(split: dict[str, float] | None) -> str:
+    """``web 0.95, drivers 0.20, ...``: the cores each part of the stack kept busy."""
+    return ", ".join(f"{part} {busy:.2f}" for part, busy in (split or {}).items()) or "-"
+
+
 def report(r: dict[str, Any]) -> str:
     lines = [
         f"## Load, {r['clients']} WebSocket clients ({r['drivers']} driver processes), gunicorn gevent "
@@ -668,6 +768,8 @@ def report(r: dict[str, Any]) -> str:
         f"{r.get('claims_per_s', float('nan')):.0f}/s |",
         f"| progress ingested/s (offered {r.get('progress_offered_per_s', 0):.0f}/s) | "
         f"{r.get('progress_per_s', 0):.0f} | 10,000; bare echo {r.get('echo_messages_per_s', float('nan')):.0f} msg/s |",
+        f"| cores busy while taking progress in ({os.cpu_count()} here) | {cores(r.get('progress_cores'))} | "
+        f"web {r.get('progress_web_us_per_message', float('nan')):.0f} µs of CPU a message |",
         f"| task_result -> result_accepted p50 / p99 | {r['result_ack_p50_ms']:.0f} ms / "
         f"{r['result_ack_p99_ms']:.0f} ms | |",
         f"| task_request -> task at a steady {r.get('steady_rate_offered', 0):.0f}/s "
@@ -675,6 +777,8 @@ def report(r: dict[str, Any]) -> str:
         f"every {r.get('heartbeat_s', 0):.0f} s each): p50 / p99 / max | {r.get('steady_p50_ms', float('nan')):.1f} ms / "
         f"{r.get('steady_p99_ms', float('nan')):.1f} ms / {r.get('steady_max_ms', float('nan')):.0f} ms | "
         f"p99 < 25 ms at 500/s; Celery no-op round trip p50 {r.get('celery_rtt_p50_ms', float('nan')):.1f} ms |",
+        f"| cores busy in the steady phase | {cores(r.get('steady_cores'))} | |",
+        f"| every client closes at once: all rows released after | {r.get('disconnect_s', float('nan')):.1f} s | |",
         f"| reference: Celery no-op enqueue / completion / round trip p50 | "
         f"{r.get('celery_enqueue_per_s', float('nan')):.0f}/s / {r.get('celery_noop_per_s', float('nan')):.0f}/s / "
         f"{r.get('celery_rtt_p50_ms', float('nan')):.1f} ms | |",
@@ -731,7 +835,7 @@ def main() -> int:
                            progress_seconds=args.progress_seconds, progress_rate=args.progress_rate,
                            ack_timeout=args.ack_timeout, steady_rate=args.steady_rate,
                            steady_seconds=args.steady_seconds, heartbeat=args.heartbeat,
-                           redis_url=args.redis, settle=args.settle)  # fmt: skip
+                           redis_url=args.redis, settle=args.settle, worker=worker)  # fmt: skip
         if not args.no_reference:
             results.update(reference_celery(args.redis))
     finally:

@@ -108,31 +108,52 @@ def connect(
 def disconnect(
     s: Session, client_id: str, conn_id: str, now: datetime, *, grace: float | None = None
 ) -> None:
-    """The socket closed. Assignments stay until CONNECTION_TIMEOUT, so a quick reconnect keeps
-    them; with ``grace`` (RECONNECT_GRACE) their deadlines are also brought forward to at most
-    ``grace`` seconds from now, after which the sweep reissues them (a late result may still win)."""
-    gone = affected(
+    """The socket closed (:func:`disconnect_batch` for one socket)."""
+    disconnect_batch(s, [(client_id, conn_id)], now, grace=grace)
+
+
+def disconnect_batch(
+    s: Session, sockets: Sequence[tuple[str, str]], now: datetime, *, grace: float | None = None
+) -> set[tuple[str, str]]:
+    """Sockets closed, as (client id, conn id) pairs, in one transaction (the web tier's group
+    commit: when every client of a web process leaves at once, one transaction a socket kept
+    its database connections busy for half a minute at 10,000 clients). A client whose current
+    connection closed is no longer connected. Its assignments stay until CONNECTION_TIMEOUT, so
+    a quick reconnect keeps them; with ``grace`` (RECONNECT_GRACE) their deadlines are also
+    brought forward to at most ``grace`` seconds from now, after which the sweep reissues them
+    (a late result may still win). A client that registered again on another socket meanwhile
+    is left as it is. Returns the pairs that were their client's current connection."""
+    gone: set[tuple[str, str]] = set()
+    pairs = sorted(set(sockets))  # one lock order, whoever writes
+    for start in range(0, len(pairs), 500):
+        chunk = pairs[start : start + 500]
+        rows = s.execute(select(Client.id, Client.conn_id).where(_MINE_ANY).with_for_update(), _mine(chunk))
+        found = set(chunk) & {(client_id, conn_id) for client_id, conn_id in rows}
+        if not found:
+            continue
+        ids = sorted(client_id for client_id, _ in found)
         s.execute(
             update(Client)
-            .where(Client.id == client_id, Client.conn_id == conn_id)
+            .where(Client.id.in_(ids))
             .values(conn_id=None, last_seen=now, pending_requests=0, requested_at=None)
             .execution_options(synchronize_session=False)
         )
-    )
-    if gone and grace is not None:
-        cap = now + timedelta(seconds=grace)
-        s.execute(
-            update(TaskAssignment)
-            .where(TaskAssignment.client_id == client_id, TaskAssignment.status.in_(OPEN_ASSIGNMENT))
-            .values(
-                deadline_at=case(
-                    (TaskAssignment.deadline_at.is_(None), cap),
-                    (TaskAssignment.deadline_at > cap, cap),
-                    else_=TaskAssignment.deadline_at,
+        if grace is not None:
+            cap = now + timedelta(seconds=grace)
+            s.execute(
+                update(TaskAssignment)
+                .where(TaskAssignment.client_id.in_(ids), TaskAssignment.status.in_(OPEN_ASSIGNMENT))
+                .values(
+                    deadline_at=case(
+                        (TaskAssignment.deadline_at.is_(None), cap),
+                        (TaskAssignment.deadline_at > cap, cap),
+                        else_=TaskAssignment.deadline_at,
+                    )
                 )
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
-        )
+        gone |= found
+    return gone
 
 
 def request_work_batch(
@@ -150,15 +171,12 @@ def request_work_batch(
     for pair, n in counts.items():
         by_count[n].append(pair)
 
-    def mine(chunk: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        return {"ids": [c for c, _ in chunk], "conns": [k for _, k in chunk]}
-
     matched = 0
     for n, pairs in sorted(by_count.items()):
         for start in range(0, len(pairs), 500):
             chunk = pairs[start : start + 500]
             matched += affected(
-                s.execute(_REQUEST, {**mine(chunk), "n": n, "most": max_tasks, "now": now})
+                s.execute(_REQUEST, {**_mine(chunk), "n": n, "most": max_tasks, "now": now})
             )  # matched rows (found rows), as every dialect here counts them
     if matched == len(counts):  # every connection is its client's own: all allowed
         return {conn_id for _, conn_id in counts}
@@ -168,18 +186,24 @@ def request_work_batch(
         chunk = pairs[start : start + 500]
         accepted.update(
             conn_id
-            for client_id, conn_id in s.execute(select(Client.id, Client.conn_id).where(_MINE), mine(chunk))
+            for client_id, conn_id in s.execute(select(Client.id, Client.conn_id).where(_MINE), _mine(chunk))
             if conn_id is not None and (client_id, conn_id) in counts
         )
     return accepted
 
 
 # conn ids are unique: the id test only keeps a connection to its own client
-_MINE = (
-    Client.id.in_(bindparam("ids", expanding=True))
-    & Client.conn_id.in_(bindparam("conns", expanding=True))
-    & Client.disabled.is_(False)
+_MINE_ANY = Client.id.in_(bindparam("ids", expanding=True)) & Client.conn_id.in_(
+    bindparam("conns", expanding=True)
 )
+_MINE = _MINE_ANY & Client.disabled.is_(False)
+
+
+def _mine(chunk: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The parameters of :data:`_MINE` for these (client id, conn id) pairs."""
+    return {"ids": [c for c, _ in chunk], "conns": [k for _, k in chunk]}
+
+
 # Built once (building it cost as much CPU as the round trip): n more requests, at most ``most``
 _more = Client.pending_requests + bindparam("n")
 _REQUEST = (

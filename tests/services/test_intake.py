@@ -1,21 +1,24 @@
-"""The web tier's ``task_request`` group commit (app/intake.py) on MariaDB: requests that arrive
-while a batch is written go together in the next transaction, and each still gets its own
-answer: accepted, refused (disabled client, superseded connection), or the database's error."""
+"""The web tier's group commits (app/intake.py) on MariaDB: requests (and results, closed
+sockets) that arrive while a batch is written go together in the next transaction, and each
+still gets its own answer: accepted, refused (disabled client, superseded connection), or the
+database's error."""
 
 from __future__ import annotations
 
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
 
-from app.intake import Intake
+from app.intake import Departures, Intake
 from store import clients
 from store.db import Database, Unavailable
-from store.models import Client, utcnow
+from store.models import Client, TaskAssignment, TaskShard, utcnow
 from tests.conftest import mysql_connect, rows
 from tests.helpers import wait_for
+from tests.services.test_schedule_listen import add_task
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -282,3 +285,54 @@ def test_batched_progress_is_one_statement_that_keeps_each_assignments_own_value
     assert [(a, st, p, json.loads(m)) for a, st, p, m in got] == [
         (aid, "training", value, metrics) for aid, value, metrics in reports
     ]
+
+
+def test_sockets_that_close_together_are_released_in_one_transaction(db: Database) -> None:
+    """A web process's clients all leave at once: the disconnects that arrive while one is
+    written go in the next transaction. Each client is no longer connected and its open
+    assignment's deadline comes within RECONNECT_GRACE, except a client that registered again
+    on another socket meanwhile: its closed socket changes nothing."""
+    pairs = connected(db, 30)
+    first, moved, holder = pairs[0], pairs[1], pairs[2]
+    db.run(lambda s: s.execute(update(Client).where(Client.id == moved[0]).values(conn_id="elsewhere")))
+    task_id = add_task(db, shards=2)
+    now = utcnow()
+    far = now + timedelta(hours=1)
+    with db.session() as s:
+        for rank, client_id in enumerate([holder[0], moved[0]]):
+            shard = s.query(TaskShard).filter_by(task_id=task_id, rank=rank).one()
+            s.add(
+                TaskAssignment(
+                    task_id=task_id, client_id=client_id, assigned_at=now, updated_at=now, status="assigned",
+                    rank=rank, round=0, shard_id=shard.id, deadline_at=far,
+                )
+            )  # fmt: skip
+    departures = Departures(db, grace=5.0)
+    blocker = mysql_connect(db.engine.url.database)
+    blocker.begin()
+    with blocker.cursor() as cur:  # hold the writer on a first batch while the others gather
+        cur.execute("SELECT id FROM clients WHERE id = %s FOR UPDATE", (first[0],))
+    answers: dict[str, bool] = {}
+
+    def close(pair: tuple[str, str]) -> None:
+        answers[pair[0]] = departures.submit(pair, timeout=30)
+
+    threads = [threading.Thread(target=close, args=(p,), daemon=True) for p in pairs]
+    try:
+        threads[0].start()
+        wait_for(lambda: departures._writers and not departures._gathered, 10, what="the first batch taken")
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: len(departures._gathered) == 29, 10, what="29 disconnects gathered")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    for t in threads:
+        t.join(30)
+    assert answers == {cid: cid != moved[0] for cid, _ in pairs}
+    assert (departures.batches, departures.items) == (2, 30)
+    connections = dict(rows(db, "SELECT id, conn_id FROM clients"))
+    assert connections == {cid: ("elsewhere" if cid == moved[0] else None) for cid, _ in pairs}
+    deadlines = dict(rows(db, "SELECT client_id, deadline_at FROM task_assignments"))
+    soon = utcnow().replace(tzinfo=None) + timedelta(seconds=5)
+    assert deadlines[holder[0]] <= soon < deadlines[moved[0]]
